@@ -1,0 +1,162 @@
+"""The engine: compile, measure and profile a model for a deployment.
+
+``compile(model, deployment, example_inputs)`` traces with torch.fx, lowers to TVM Relax,
+tunes (when the deployment asks for it), builds, and checks the compiled outputs against PyTorch.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from omnic.deployment import Deployment
+from omnic.device_model import DeviceModel, attach_hint
+from omnic.errors import DeviceUnreachableError
+from omnic.ir import TracedModel, resolve_example_inputs, trace
+from omnic.measure import MeasureConfig
+
+
+def _coerce(model: Any, deployment: Any, example_inputs: Any) -> tuple[TracedModel, Deployment]:
+    deployment = Deployment.coerce(deployment)
+    if isinstance(model, TracedModel) and example_inputs is None:
+        return model, deployment
+    inputs = resolve_example_inputs(example_inputs, deployment) if example_inputs is not None else None
+    return trace(model, inputs), deployment
+
+
+def reference_outputs(traced: TracedModel) -> list[np.ndarray] | None:
+    """PyTorch's (or ONNX Runtime's, for ONNX files) outputs on the example inputs."""
+    if traced.gm is not None:
+        with torch.no_grad():
+            out = traced.gm(*traced.example_inputs)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        return [o.detach().numpy() for o in outs]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(traced.onnx_path, providers=["CPUExecutionProvider"])
+    feeds = {n: t.numpy() for n, t in zip(traced.input_names, traced.example_inputs)}
+    return list(sess.run(None, feeds))
+
+
+def relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    """max |a - e| / max |e| over all outputs."""
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        denom = float(np.abs(e).max()) or 1.0
+        worst = max(worst, float(np.abs(np.asarray(a, dtype=np.float64) - e).max()) / denom)
+    return worst
+
+
+def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, check: bool = True,
+            database: Any = None, progress: bool = True) -> DeviceModel:
+    """Compile ``model`` for ``deployment``.
+
+    Args:
+        model: ``nn.Module``, ``fx.GraphModule``, ``ExportedProgram``, ``.onnx`` path or TracedModel.
+        deployment: ``Deployment``, the equivalent dict, or a device name (default ``host``).
+        example_inputs: A tensor or tuple of tensors shaped like one real batch.
+        check: On a local device, run once and record the output difference to PyTorch in
+            ``report["max_rel_error"]``.
+        database: A MetaSchedule database to apply instead of the device's persistent one.
+        progress: Show tuning progress.
+
+    Returns:
+        A :class:`DeviceModel` (callable, timeable, exportable).
+    """
+    from omnic import compiler, tuning
+
+    t0 = time.perf_counter()
+    traced, deployment = _coerce(model, deployment, example_inputs)
+    spec = deployment.spec
+    target = spec.tvm_target(num_threads=deployment.threads)
+    mod = compiler.lower(traced)
+    prepared = compiler.prepare(mod, spec, target, deployment.precision)
+    t_prepare = time.perf_counter() - t0
+    tuning_report: dict[str, Any] = {"trials": 0, "tasks": 0, "new_tasks": 0}
+    if database is None:
+        database, tuning_report = tuning.database_for(prepared, deployment, target, progress=progress)
+    t1 = time.perf_counter()
+    executable, final_mod = compiler.build(prepared, spec, target, database)
+    scheduled, unscheduled = compiler.scheduled_kernels(final_mod)
+    report: dict[str, Any] = {
+        "device": spec.name,
+        "precision": deployment.precision,
+        "target": str(target),
+        "structural_hash": traced.structural_hash,
+        "source": traced.source,
+        "input_shapes": [list(s) for s in traced.input_shapes],
+        "tuning": tuning_report,
+        "kernels_scheduled": len(scheduled),
+        "kernels_unscheduled": len(unscheduled),
+        "ops_precision": {"float32" if deployment.precision == "fp32" else deployment.precision: "all"},
+        "prepare_s": round(t_prepare, 3),
+        "build_s": round(time.perf_counter() - t1, 3),
+        "max_rel_error": None,
+    }
+    dm = DeviceModel(executable=executable, deployment=deployment, input_shapes=traced.input_shapes,
+                     input_dtypes=traced.input_dtypes, output_is_tuple=traced.output_is_tuple,
+                     structural_hash=traced.structural_hash, report=report, module=final_mod)
+    if check and spec.local and not deployment.is_remote:
+        expected = reference_outputs(traced)
+        actual = dm(*traced.example_inputs)
+        actual = list(actual) if isinstance(actual, tuple) else [actual]
+        report["max_rel_error"] = relative_error([a.numpy() for a in actual], expected)
+    return dm
+
+
+def _require_measurable(deployment: Deployment) -> None:
+    if not deployment.spec.local and not deployment.is_remote:
+        raise DeviceUnreachableError(attach_hint(deployment))
+
+
+def get_latency(model: Any, deployment: Any = None, example_inputs: Any = None, *,
+                config: MeasureConfig | None = None) -> float:
+    """Measured latency of ``model`` on the deployment's device, in ms (median of repeats).
+
+    Uses the latency store: a model (same structure, shapes, device, precision) measured before
+    is not measured again.
+
+    Raises:
+        DeviceUnreachableError: The device is neither this machine nor attached through a tracker.
+    """
+    from omnic.oracle import default_oracle
+
+    traced, deployment = _coerce(model, deployment, example_inputs)
+    _require_measurable(deployment)
+    measurement = default_oracle().measure(traced, deployment, config=config)
+    if not measurement.ok:
+        from omnic.errors import MeasurementError
+
+        raise MeasurementError(f"measuring on {deployment.device} failed: {measurement.error}")
+    return float(measurement.median_ms)
+
+
+def profile(model: Any, deployment: Any = None, example_inputs: Any = None, *, runs: int = 10,
+            print_table: bool = False):
+    """Per-kernel latency table, FLOPs, parameters, parameter and peak activation bytes.
+
+    Returns:
+        A :class:`omnic.profiler.Profile` (a dict that prints as a table).
+    """
+    from omnic import profiler
+
+    traced, deployment = _coerce(model, deployment, example_inputs)
+    _require_measurable(deployment)
+    dm = compile(traced, deployment, check=False, progress=False)
+    measurement = dm.measure()
+    runtime = dm.runtime
+    inputs = [runtime.to_device(a) for a in dm.random_inputs()]
+    kernels = runtime.kernel_times(inputs, runs=runs) if hasattr(runtime, "kernel_times") else \
+        profiler.kernel_times(runtime.vm, runtime.dev, inputs, runs=runs)
+    params, param_bytes = profiler.parameter_stats(traced)
+    result = profiler.Profile(
+        device=deployment.device, precision=deployment.precision, structural_hash=traced.structural_hash,
+        latency_ms=measurement.median_ms, latency_spread=measurement.spread,
+        flops=profiler.count_flops(traced), params=params, param_bytes=param_bytes,
+        peak_activation_bytes=profiler.peak_activation_bytes(traced), kernels=kernels,
+        tuning=dm.report["tuning"])
+    if print_table:
+        print(result.table())
+    return result

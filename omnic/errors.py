@@ -1,0 +1,68 @@
+"""Typed errors for everything a user can trigger.
+
+Every error says what went wrong and what to do next. Internal invariants use ``assert``.
+"""
+from __future__ import annotations
+
+
+class OmnicError(Exception):
+    """Base class of every error omnic raises for user-triggerable problems."""
+
+
+class UnknownDeviceError(OmnicError, KeyError):
+    """A device name that is not in the device table."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedPrecisionError(OmnicError, ValueError):
+    """A precision the chosen device does not support."""
+
+
+class DeploymentError(OmnicError, ValueError):
+    """A deployment with a missing or malformed field."""
+
+
+class InputShapeError(OmnicError, ValueError):
+    """Example inputs or call inputs whose shapes do not match what the model was compiled for."""
+
+
+class TraceError(OmnicError):
+    """A model that torch.fx / torch.export cannot trace."""
+
+
+class UnsupportedOperatorError(OmnicError):
+    """An operator the compiler cannot lower for the device."""
+
+
+class CompileError(OmnicError):
+    """TVM failed to build the model for the device."""
+
+
+class DeviceUnreachableError(OmnicError):
+    """A device that cannot be measured from here (no tracker attached, tracker down, no server)."""
+
+
+class MeasurementError(OmnicError):
+    """A measurement that failed (timeout, crashed server) after all retries."""
+
+
+class ArtifactError(OmnicError):
+    """An exported artifact that cannot be loaded here."""
+
+
+class SearchError(OmnicError):
+    """A search that cannot satisfy its constraints or was misconfigured."""
+
+
+class InfeasibleConstraintError(SearchError):
+    """No subnet meets the constraint; carries the smallest latency found."""
+
+    def __init__(self, message: str, *, best_latency_ms: float | None = None):
+        super().__init__(message)
+        self.best_latency_ms = best_latency_ms
+
+
+class PassError(OmnicError):
+    """An adaptation pass failed; names the pass and the passes that ran before it."""
