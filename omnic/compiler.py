@@ -151,7 +151,8 @@ def _fold_constants_numpy():
     class _Folder(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not isinstance(call.op, tvm.ir.Op) or not call.args or not isinstance(call.args[0], constant):
+            if (not isinstance(call.op, tvm.ir.Op) or not call.args or not isinstance(call.args[0], constant)
+                    or not hasattr(call.args[0].value, "numpy")):  # scalar constants hold Python numbers
                 return call
             name = call.op.name
             a = call.args[0].value.numpy()
@@ -160,7 +161,8 @@ def _fold_constants_numpy():
                 result = np.transpose(a, None if axes is None else [int(i) for i in axes])
             elif name == "relax.reshape" and isinstance(call.args[1], relax.ShapeExpr):
                 result = a.reshape([int(v) for v in call.args[1].values])
-            elif name in _NUMPY_BINARY and len(call.args) == 2 and isinstance(call.args[1], constant):
+            elif (name in _NUMPY_BINARY and len(call.args) == 2 and isinstance(call.args[1], constant)
+                  and hasattr(call.args[1].value, "numpy")):
                 b = call.args[1].value.numpy()
                 if a.dtype != b.dtype:
                     return call

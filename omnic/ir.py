@@ -84,12 +84,17 @@ class _PathTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.omnic_scope: list[str] = []
+        self.failed_in: str | None = None
 
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m) if m is not self.root else ""
         self.omnic_scope.append(f"{name} ({type(m).__name__})" if name else type(m).__name__)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module is the first to see the error
+                self.failed_in = self.omnic_scope[-1]
+            raise
         finally:
             self.omnic_scope.pop()
 
@@ -112,7 +117,7 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
-        where = tracer.omnic_scope[-1] if tracer.omnic_scope else type(model).__name__
+        where = tracer.failed_in or type(model).__name__
         line = _user_frame(exc)
         hint = ("Rewrite data-dependent Python control flow (`if x.sum() > 0`, loops over tensor "
                 "values) with tensor ops such as torch.where, move it out of forward(), or pass a "

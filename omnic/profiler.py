@@ -89,7 +89,8 @@ def peak_activation_bytes(traced: TracedModel) -> int | None:
 
     def size(node) -> int:
         meta = node.meta.get("tensor_meta")
-        metas = meta if isinstance(meta, (tuple, list)) else [meta]
+        # TensorMetadata is itself a NamedTuple: only a tuple *without* .shape is a multi-output
+        metas = [meta] if hasattr(meta, "shape") or meta is None else list(meta)
         total = 0
         for m in metas:
             if m is not None and hasattr(m, "shape"):

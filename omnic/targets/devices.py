@@ -33,6 +33,11 @@ class DeviceSpec:
         slow_ops: Operators this device runs slowly, with a note why (drives adaptation passes).
         fast_ops: Operators this device runs well.
         has_fast_layernorm: False where a LayerNorm over channels is a slow reduction on the device.
+        max_depthwise_kernel: Largest depthwise kernel the device runs well (None: no limit); the
+            adaptation passes shrink larger ones (approximate).
+        unsupported_ops: Operators the device cannot run at all, with why; the adaptation passes
+            rewrite them or name them in an error (TVM importer gaps common to all devices are
+            listed in ``omnic.passes.device``).
         int_dot_product: Integer dot-product instruction family, if any (``"vnni"``, ``"dotprod"``).
         notes: Free-form notes shown by ``omnic devices``.
     """
@@ -51,6 +56,8 @@ class DeviceSpec:
     slow_ops: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     fast_ops: tuple[str, ...] = ()
     has_fast_layernorm: bool = True
+    max_depthwise_kernel: int | None = None
+    unsupported_ops: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     int_dot_product: str | None = None
     notes: str = ""
 
@@ -169,8 +176,10 @@ _DEVICE_ROWS: tuple[DeviceSpec, ...] = (
         kind="cpu", target=_ANDROID_ARM64_HOST, precisions=("fp32", "fp16", "int8"),
         rpc_key="S888", channel_multiple=8,
         slow_ops=_frozen({"gelu": "erf has no NEON instruction", "silu": "sigmoid needs exp",
-                          "mish": "softplus+tanh", "sigmoid": "exp per element"}),
+                          "mish": "softplus+tanh", "sigmoid": "exp per element",
+                          "resize_bilinear": "4 gathers and 3 lerps per output on NEON"}),
         fast_ops=("conv2d", "relu", "relu6", "hardswish"), int_dot_product="dotprod",
+        max_depthwise_kernel=5,
         notes="Measured through the RPC tracker (omnic serve on the phone or via the Android RPC app)."),
     DeviceSpec(
         name="S888-gpu", description="Snapdragon 888 GPU (Adreno 660), OpenCL", kind="gpu",
@@ -185,8 +194,9 @@ _DEVICE_ROWS: tuple[DeviceSpec, ...] = (
         target="arm/rasp4b64", precisions=("fp32", "int8"), rpc_key="rasp4b", channel_multiple=4,
         slow_ops=_frozen({"gelu": "erf has no NEON instruction", "silu": "sigmoid needs exp",
                           "mish": "softplus+tanh", "sigmoid": "exp per element",
-                          "hardswish": "extra clip pass on an in-order-ish core"}),
-        fast_ops=("conv2d", "relu", "relu6"), int_dot_product=None,
+                          "hardswish": "extra clip pass on an in-order-ish core",
+                          "resize_bilinear": "4 gathers and 3 lerps per output on NEON"}),
+        fast_ops=("conv2d", "relu", "relu6"), int_dot_product=None, max_depthwise_kernel=3,
         notes="No dot-product instructions on the A72: int8 uses widening multiplies."),
     DeviceSpec(
         name="jetson-orin-nano", description="NVIDIA Jetson Orin Nano (Ampere sm_87, aarch64 host)",
@@ -197,7 +207,8 @@ _DEVICE_ROWS: tuple[DeviceSpec, ...] = (
         notes="CUDA source is compiled at load time on the device (NVRTC or nvcc)."),
     DeviceSpec(
         name="a100", description="NVIDIA A100 (Ampere sm_80, x86 host)", kind="gpu",
-        target="nvidia/nvidia-a100", precisions=("fp32", "fp16", "int8"), rpc_key="a100",
+        target="nvidia/nvidia-a100", target_host={"kind": "llvm", "mtriple": "x86_64-linux-gnu"},
+        precisions=("fp32", "fp16", "int8"), rpc_key="a100",
         export_format="so", device_api="cuda", channel_multiple=8,
         fast_ops=("conv2d", "dense", "matmul"),
         notes="Tensor cores want channel counts in multiples of 8 (fp16)."),
