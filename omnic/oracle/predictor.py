@@ -1,0 +1,946 @@
+"""A kernel-level latency predictor per device, learned from exact measurements.
+
+The fused kernels TVM emits are known at compile time: :func:`omnic.compiler.prepare` returns the
+fused Relax module whose ``call_tir`` PrimFuncs are exactly the kernels the VM will call. So the
+predictor never guesses fusion rules. For each PrimFunc it reads features from the TIR (op kind
+tokens from the name, FLOPs from the loop extents of the reduction block, bytes of inputs,
+weights and outputs, key conv/matmul dims) and an XGBoost regressor predicts its time per call.
+Network latency is the sum of the predicted kernels times their call counts, passed through a
+fitted linear overhead model ``a * sum + b * calls + c`` (VM dispatch, allocation, cache effects).
+
+Tuning state: the predictor describes the code ``engine.compile`` builds for a deployment with
+*no tuning database applied* (``compiler.build(prepared, spec, target, None)``). Tuned kernels
+run at a different speed; a predictor for a tuned device needs samples collected from tuned
+builds, which is why the saved file records ``tuning_state``.
+
+Data lives under ``<cache>/predictors/``: ``samples-<device>.jsonl`` (one measured network per
+line, with its kernels' features and per-call times) and ``<device>-v<N>.json`` plus
+``<device>-v<N>.ubj`` (the XGBoost model) for each saved version.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from omnic.cache import cache_root
+from omnic.errors import OmnicError
+
+#: Bumped whenever the meaning of a feature changes; samples with another version are re-collected.
+SCHEMA_VERSION = 1
+FORMAT_VERSION = 1
+TUNING_STATE = "untuned"
+
+# Op-kind tokens read from PrimFunc names ("fused_conv2d3_add2_maximum1_minimum11" ->
+# conv2d, add, maximum, minimum). Counted, so a longer fused epilogue has larger counts.
+_TOKENS = ("conv2d", "matmul", "dense", "mean", "sum", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+           "softmax", "layer_norm", "gelu", "relu", "add", "subtract", "multiply", "divide", "maximum",
+           "minimum", "tanh", "sigmoid", "exp", "erf", "transpose", "reshape", "broadcast_to", "take",
+           "concatenate", "strided_slice", "split", "squeeze", "expand_dims", "power", "sqrt", "rsqrt",
+           "clip", "where", "cast")
+_KINDS = ("conv", "dwconv", "gconv", "matmul", "reduce", "pool", "softmax", "layer_norm", "injective")
+
+FEATURES: tuple[str, ...] = (
+    ("log_flops", "log_main_points", "log_total_points", "log_epilogue_points", "log_reduce_len", "log_spatial",
+     "log_in_bytes", "log_weight_bytes", "log_out_bytes", "log_bytes", "arith_intensity",
+     "n_blocks", "n_epilogue", "inner_spatial", "inner_reduce", "log_inner_spatial", "log_inner_reduce",
+     "H", "W", "cin", "cout", "kh", "kw", "stride", "groups", "log_cin", "log_cout", "log_hw",
+     "n_inputs", "n_weights")
+    + tuple(f"kind_{k}" for k in _KINDS) + tuple(f"tok_{t}" for t in _TOKENS) + ("tok_other",))
+
+
+class PredictorError(OmnicError):
+    """A predictor that cannot be fitted, loaded or used (no samples, wrong schema, missing file)."""
+
+
+# ------------------------------------------------------------------------------ feature extraction
+def _prod(values: Iterable[int]) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def _blocks(stmt: Any) -> list[Any]:
+    """Every SBlock under ``stmt`` (root excluded), in program order."""
+    found: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if node is None:
+            return
+        kind = type(node).__name__
+        if kind == "SBlockRealize":
+            walk(node.block)
+            return
+        if kind == "SBlock":
+            if node.name_hint != "root":
+                found.append(node)
+            walk(node.body)
+            return
+        if kind == "SeqStmt":
+            for s in node.seq:
+                walk(s)
+            return
+        if kind == "IfThenElse":
+            walk(node.then_case)
+            walk(node.else_case)
+            return
+        body = getattr(node, "body", None)
+        if body is not None:
+            walk(body)
+
+    walk(stmt)
+    return found
+
+
+def _block_dims(block: Any) -> tuple[list[int], list[int]]:
+    """(spatial extents, reduction extents) of a block's iteration domain."""
+    spatial, reduce = [], []
+    for iv in block.iter_vars:
+        extent = int(iv.dom.extent)
+        # IterVar.iter_type: 0 = data parallel, 2 = comm reduce
+        (reduce if int(iv.iter_type) == 2 else spatial).append(extent)
+    return spatial, reduce
+
+
+def _name_tokens(name: str) -> dict[str, int]:
+    counts = {t: 0 for t in _TOKENS}
+    body = name[len("fused_"):] if name.startswith("fused_") else name
+    # Names join op names (which themselves contain "_") with "_" and add numeric suffixes, so
+    # match the known tokens greedily, longest first, on the digit-stripped name.
+    # numeric suffixes only ("conv2d12" -> "conv2d", "add3" -> "add"); the "2" of conv2d stays
+    text = re.sub(r"\d+(?=_|$)", "", body)
+    for tok in sorted(_TOKENS, key=len, reverse=True):
+        pattern = rf"(?:^|_){re.escape(tok)}(?=_|$)"
+        n = len(re.findall(pattern, text))
+        if n:
+            counts[tok] += n
+            text = re.sub(pattern, "_", text)
+    other = len([p for p in text.split("_") if p])
+    counts_out = {f"tok_{t}": c for t, c in counts.items()}
+    counts_out["tok_other"] = other
+    return counts_out
+
+
+def _buffer_bytes(buf: Any) -> int:
+    dtype = str(buf.dtype)
+    bits = int(re.sub(r"\D", "", dtype) or 32)
+    return _prod(int(d) for d in buf.shape) * max(1, bits // 8)
+
+
+def primfunc_features(name: str, func: Any) -> dict[str, float]:
+    """Features of one fused kernel (a TIR PrimFunc of the prepared module).
+
+    FLOPs: 2 x the iteration points of the main reduction block (one multiply-add per point) for
+    conv2d / matmul kernels, else one per iteration point of every block.
+
+    Args:
+        name: The PrimFunc's global name (op kinds are read from it).
+        func: The ``tvm.tirx.PrimFunc``.
+
+    Returns:
+        A dict over :data:`FEATURES`.
+    """
+    blocks = _blocks(func.body)
+    dims = [_block_dims(b) for b in blocks]
+    points = [_prod(s) * _prod(r) for s, r in dims]
+    total_points = sum(points) or 1
+    reducing = [i for i, (_, r) in enumerate(dims) if r]
+    main = max(reducing, key=lambda i: points[i]) if reducing else (max(range(len(points)), key=points.__getitem__)
+                                                                     if points else None)
+    spatial, reduce = dims[main] if main is not None else ([1], [])
+    main_points = points[main] if main is not None else 1
+    main_name = blocks[main].name_hint if main is not None else ""
+
+    attrs = func.attrs
+    weight_idx = {int(i) for i in (attrs.get("layout_free_buffers", []) if attrs is not None else [])}
+    # 0.27 PrimFuncs take Buffers as params (older TVM: Vars plus a buffer_map)
+    bmap = getattr(func, "buffer_map", None)
+    buffers = [bmap[p] if bmap is not None and p in bmap else p for p in func.params]
+    buffers = [b for b in buffers if hasattr(b, "shape")]
+    out_buf = buffers[-1] if buffers else None
+    ins = [b for i, b in enumerate(buffers[:-1]) if i not in weight_idx]
+    weights = [b for i, b in enumerate(buffers[:-1]) if i in weight_idx]
+    in_bytes = sum(_buffer_bytes(b) for b in ins)
+    weight_bytes = sum(_buffer_bytes(b) for b in weights)
+    out_bytes = _buffer_bytes(out_buf) if out_buf is not None else 0
+
+    toks = _name_tokens(name)
+    is_conv = "conv2d" in main_name or toks["tok_conv2d"] > 0
+    is_matmul = "matmul" in main_name or toks["tok_matmul"] > 0 or toks["tok_dense"] > 0
+    H = W = cin = cout = kh = kw = stride = groups = 0
+    kind = "injective"
+    if is_conv and weights and ins and len(weights[0].shape) == 4 and len(ins[0].shape) == 4:
+        # prepare() lays convs out as NHWC data / OHWI weights (CPU); the output is NHWC.
+        wshape = [int(d) for d in weights[0].shape]
+        ishape = [int(d) for d in ins[0].shape]
+        oshape = [int(d) for d in out_buf.shape] if out_buf is not None and len(out_buf.shape) == 4 else None
+        cout, kh, kw, cin_g = wshape
+        cin = ishape[3]
+        groups = max(1, cin // max(1, cin_g))
+        if oshape is not None:
+            H, W = oshape[1], oshape[2]
+            stride = max(1, round(ishape[1] / max(1, oshape[1])))
+        kind = "dwconv" if groups > 1 and groups == cin else ("gconv" if groups > 1 else "conv")
+    elif is_conv:
+        kind = "conv"
+    elif is_matmul:
+        kind = "matmul"
+        if reduce:
+            cin = _prod(reduce)
+        cout = spatial[-1] if spatial else 0
+        H = _prod(spatial[:-1]) if len(spatial) > 1 else 1
+    elif toks["tok_softmax"]:
+        kind = "softmax"
+    elif toks["tok_layer_norm"]:
+        kind = "layer_norm"
+    elif toks["tok_max_pool2d"] or toks["tok_avg_pool2d"] or toks["tok_adaptive_avg_pool2d"]:
+        kind = "pool"
+    elif reducing:
+        kind = "reduce"
+
+    if kind in ("conv", "dwconv", "gconv", "matmul"):
+        flops = 2.0 * main_points  # one multiply-add per point of the reduction block
+    else:
+        flops = float(total_points)
+    all_bytes = in_bytes + weight_bytes + out_bytes
+
+    def lg(v: float) -> float:
+        return math.log2(1.0 + float(v))
+
+    feats: dict[str, float] = {
+        "log_flops": lg(flops), "log_main_points": lg(main_points), "log_total_points": lg(total_points),
+        "log_epilogue_points": lg(total_points - main_points),
+        "log_reduce_len": lg(_prod(reduce)), "log_spatial": lg(_prod(spatial)),
+        "log_in_bytes": lg(in_bytes), "log_weight_bytes": lg(weight_bytes), "log_out_bytes": lg(out_bytes),
+        "log_bytes": lg(all_bytes), "arith_intensity": flops / max(1, all_bytes),
+        "n_blocks": len(blocks), "n_epilogue": max(0, len(blocks) - 1 - (1 if "pad" in " ".join(
+            b.name_hint for b in blocks) else 0)),
+        "inner_spatial": spatial[-1] if spatial else 1, "inner_reduce": reduce[-1] if reduce else 0,
+        "log_inner_spatial": lg(spatial[-1] if spatial else 1), "log_inner_reduce": lg(reduce[-1] if reduce else 0),
+        "H": H, "W": W, "cin": cin, "cout": cout, "kh": kh, "kw": kw, "stride": stride, "groups": groups,
+        "log_cin": lg(cin), "log_cout": lg(cout), "log_hw": lg(H * W),
+        "n_inputs": len(ins), "n_weights": len(weights),
+        "flops": flops,  # raw, for reports (not a model feature)
+    }
+    for k in _KINDS:
+        feats[f"kind_{k}"] = 1.0 if kind == k else 0.0
+    feats.update({k: float(v) for k, v in toks.items()})
+    feats["kind"] = kind  # type: ignore[assignment]  # for reports
+    return feats
+
+
+def kernel_features(prepared: Any) -> list[dict[str, Any]]:
+    """The kernels of a prepared (fused) module: name, call count and features.
+
+    Args:
+        prepared: The module :func:`omnic.compiler.prepare` returns.
+
+    Returns:
+        One dict per distinct PrimFunc that ``main`` calls: ``{"name", "calls", "features"}``.
+    """
+    import tvm
+    from tvm import relax
+
+    calls: dict[str, int] = {}
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
+            gv = expr.args[0]
+            calls[gv.name_hint] = calls.get(gv.name_hint, 0) + 1
+
+    for gv, func in prepared.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    out = []
+    for gv, func in prepared.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint in calls:
+            out.append({"name": gv.name_hint, "calls": calls[gv.name_hint],
+                        "features": primfunc_features(gv.name_hint, func)})
+    out.sort(key=lambda k: k["name"])
+    return out
+
+
+def _matrix(kernels: Sequence[dict[str, Any]]) -> np.ndarray:
+    return np.array([[float(k["features"].get(f, np.nan)) for f in FEATURES] for k in kernels], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------- variants
+_FAMILIES = ("resnet", "mobilenet_v2", "mobilenet_v3_small", "conv_attention")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """One architecture of a zoo family at one input resolution.
+
+    Attributes:
+        family: ``resnet``, ``mobilenet_v2``, ``mobilenet_v3_small`` or ``conv_attention``.
+        params: Constructor arguments as sorted ``(name, value)`` pairs (JSON-friendly values).
+        resolution: Square input side in pixels (batch 1, 3 channels).
+    """
+
+    family: str
+    params: tuple[tuple[str, Any], ...]
+    resolution: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}:{json.dumps(dict(self.params), sort_keys=True)}@{self.resolution}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "params": dict(self.params), "resolution": self.resolution}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Variant":
+        params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d["params"].items()}
+        return cls(family=d["family"], params=tuple(sorted(params.items())), resolution=int(d["resolution"]))
+
+    def build(self, seed: int = 0):
+        """``(model in eval mode with calibrated BN, example input)``."""
+        import torch
+
+        from omnic import zoo
+
+        p = dict(self.params)
+        torch.manual_seed(seed)
+        if self.family == "resnet":
+            model = zoo.ResNet(tuple(p["layers"]), tuple(p["widths"]), p.get("num_classes", 10), stem=p["stem"])
+        elif self.family == "mobilenet_v2":
+            model = zoo.MobileNetV2(p.get("num_classes", 10), width_mult=p["width_mult"])
+        elif self.family == "mobilenet_v3_small":
+            model = zoo.MobileNetV3Small(p.get("num_classes", 10), width_mult=p["width_mult"])
+        elif self.family == "conv_attention":
+            model = zoo.ConvAttentionNet(p.get("num_classes", 10), dim=p["dim"], depth=p["depth"])
+        else:
+            raise PredictorError(f"unknown variant family {self.family!r}; known: {', '.join(_FAMILIES)}")
+        shape = (1, 3, self.resolution, self.resolution)
+        zoo.calibrate_bn(model, shape, seed=seed)  # default BN stats give denormals (TVM_NOTES 9.7.9)
+        return model.eval(), torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def _random_variant(rng: random.Random, family: str) -> Variant:
+    res = rng.choice((32, 40, 48, 56, 64, 72, 80, 96))
+    ncls = rng.choice((10, 100))
+    if family == "resnet":
+        n_stages = rng.choice((3, 4))
+        w0 = rng.choice((8, 12, 16, 24, 32))
+        stem = "small" if res <= 48 else rng.choice(("small", "imagenet")) if w0 <= 16 else "imagenet"
+        params = {"layers": [rng.choice((1, 2)) for _ in range(n_stages)],
+                  "widths": [w0 * 2 ** i for i in range(n_stages)], "stem": stem, "num_classes": ncls}
+    elif family == "mobilenet_v2":
+        params = {"width_mult": rng.choice((0.25, 0.35, 0.5, 0.75, 1.0)), "num_classes": ncls}
+    elif family == "mobilenet_v3_small":
+        params = {"width_mult": rng.choice((0.25, 0.5, 0.75, 1.0, 1.25)), "num_classes": ncls}
+    else:
+        res = rng.choice((32, 48, 64))
+        params = {"dim": rng.choice((16, 24, 32, 48, 64)), "depth": rng.choice((1, 2, 3)), "num_classes": ncls}
+    return Variant(family=family, params=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                      for k, v in params.items())), resolution=res)
+
+
+def sample_variants(n: int, *, seed: int = 0, exclude: Iterable[str] = (),
+                    families: Sequence[str] = _FAMILIES) -> list[Variant]:
+    """``n`` distinct random variants of the zoo families (round-robin over families).
+
+    Args:
+        n: How many.
+        seed: Random seed (the fit and eval sets use different seeds).
+        exclude: Variant keys to skip (e.g. the fit set, so held-out variants are unseen).
+        families: Which families to draw from.
+    """
+    rng = random.Random(seed)
+    seen = set(exclude)
+    out: list[Variant] = []
+    tries = 0
+    while len(out) < n and tries < 100 * n:
+        tries += 1
+        v = _random_variant(rng, families[len(out) % len(families)])
+        if v.key not in seen:
+            seen.add(v.key)
+            out.append(v)
+    return out
+
+
+FIT_SEED, EVAL_SEED = 1, 1001
+
+
+# ------------------------------------------------------------------------------- measurement
+def predictors_dir() -> Path:
+    path = cache_root() / "predictors"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _safe(device: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", device)
+
+
+def samples_path(device: str) -> Path:
+    return predictors_dir() / f"samples-{_safe(device)}.jsonl"
+
+
+def _prepare(traced: Any, deployment: Any):
+    from omnic import compiler
+
+    spec = deployment.spec
+    target = spec.tvm_target(num_threads=deployment.threads)
+    return compiler.prepare(compiler.lower(traced), spec, target, deployment.precision), spec, target
+
+
+def collect_sample(variant: Variant, deployment: Any = "host", *, runs: int = 15) -> dict[str, Any]:
+    """Compile a variant untuned, measure it end to end and per kernel.
+
+    End to end: the standard protocol (:func:`omnic.measure.time_vm`), ``e2e_ms``; it is run a
+    second time after the kernel runs (``e2e_again_ms``) and ``e2e_min_ms`` is the fastest repeat
+    of both. Per kernel: the VM instrument hook, the fastest of ``runs`` runs, minus the hook's
+    own cost per call, estimated as the cheapest per-call time of a VM builtin (e.g.
+    ``null_value``), which does no work.
+
+    Returns:
+        A JSON-friendly sample (see :func:`load_samples`).
+    """
+    from omnic import compiler
+    from omnic.deployment import Deployment
+    from omnic.device_model import LocalRuntime
+    from omnic.ir import trace
+    from omnic.measure import MeasureConfig, time_vm
+
+    deployment = Deployment.coerce(deployment)
+    if not deployment.spec.local or deployment.is_remote:
+        raise PredictorError(f"collecting samples needs a local device; {deployment.device!r} is not this machine")
+    t0 = time.perf_counter()
+    model, x = variant.build()
+    traced = trace(model, x)
+    prepared, spec, target = _prepare(traced, deployment)
+    kernels = kernel_features(prepared)
+    t1 = time.perf_counter()
+    executable, _ = compiler.build(prepared, spec, target, None)
+    runtime = LocalRuntime(executable)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(tuple(t.shape)).astype("float32") for t in traced.example_inputs]
+    inputs = [runtime.to_device(a) for a in arrays]
+    t2 = time.perf_counter()
+    e2e = time_vm(runtime.vm, runtime.dev, inputs, MeasureConfig(), device_name=deployment.device)
+    rows = _kernel_times(runtime.vm, inputs, runs=runs)
+    # a second end-to-end measurement after the kernel runs: on a shared machine another
+    # process may have stolen the cores during the first one; both are kept
+    e2e_again = time_vm(runtime.vm, runtime.dev, inputs, MeasureConfig(), device_name=deployment.device)
+    builtin_per_call = [r["min_ms"] / r["calls"] for r in rows.values() if r["builtin"] and r["calls"]]
+    hook_ms = min(builtin_per_call) if builtin_per_call else 0.0
+    missing = []
+    for k in kernels:
+        r = rows.get(k["name"])
+        if r is None or not r["calls"]:
+            missing.append(k["name"])
+            k["ms_per_call"] = k["ms_per_call_median"] = None
+            continue
+        k["ms_per_call"] = max(1e-5, r["min_ms"] / r["calls"] - hook_ms)
+        k["ms_per_call_median"] = max(1e-5, r["median_ms"] / r["calls"] - hook_ms)
+    repeats = list(e2e.results_ms) + list(e2e_again.results_ms)
+    return {
+        "schema_version": SCHEMA_VERSION, "device": deployment.device, "precision": deployment.precision,
+        "tuning_state": TUNING_STATE, "variant": variant.to_dict(), "key": variant.key,
+        "structural_hash": traced.structural_hash,
+        "e2e_ms": e2e.median_ms, "spread": e2e.spread, "runs": e2e.runs,
+        "e2e_again_ms": e2e_again.median_ms, "e2e_min_ms": min(repeats), "repeats_ms": repeats,
+        "hook_ms": hook_ms, "instrumented_kernel_ms": sum(r["median_ms"] for r in rows.values() if not r["builtin"]),
+        "builtin_calls": sum(r["calls"] for r in rows.values() if r["builtin"]),
+        "kernels": kernels, "unmatched_kernels": missing,
+        "prepare_s": round(t1 - t0, 3), "build_s": round(t2 - t1, 3),
+        "measure_s": round(time.perf_counter() - t2, 3), "created": time.time(),
+    }
+
+
+def _kernel_times(vm, inputs: Sequence[Any], *, runs: int) -> dict[str, dict[str, Any]]:
+    """Per VM call target: calls per run and the median and minimum over runs of its total ms.
+
+    Like :func:`omnic.profiler.kernel_times`, plus the minimum: contention from other
+    processes only ever adds time, so the fastest run is the best estimate of the kernel's own
+    cost on a shared machine.
+    """
+    per_run: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    samples: dict[str, list[float]] = {}
+    starts: dict[str, float] = {}
+    clock = time.perf_counter
+
+    def hook(func, name, before, ret, *args):
+        key = str(name)
+        if before:
+            starts[key] = clock()
+        else:
+            per_run[key] = per_run.get(key, 0.0) + (clock() - starts.pop(key, clock())) * 1e3
+            calls[key] = calls.get(key, 0) + 1
+        return 0
+
+    vm.set_instrument(hook)
+    try:
+        vm["main"](*inputs)  # warm-up
+        calls.clear()
+        for _ in range(runs):
+            per_run.clear()
+            vm["main"](*inputs)
+            for key, ms in per_run.items():
+                samples.setdefault(key, []).append(ms)
+    finally:
+        vm.set_instrument(lambda *a: 0)
+    return {key: {"calls": calls[key] // runs, "median_ms": float(statistics.median(v)), "min_ms": float(min(v)),
+                  "builtin": key.startswith("vm.builtin.")} for key, v in samples.items()}
+
+
+def load_samples(device: str, path: Path | None = None) -> list[dict[str, Any]]:
+    """Stored samples of a device (current schema only; the last one per variant wins)."""
+    path = path or samples_path(device)
+    if not path.exists():
+        return []
+    by_key: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            s = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed writer
+        if s.get("schema_version") == SCHEMA_VERSION and s.get("device") == device and s.get("e2e_ms"):
+            by_key[s["key"]] = s
+    return list(by_key.values())
+
+
+def collect(variants: Sequence[Variant], deployment: Any = "host", *, path: Path | None = None,
+            log=print) -> list[dict[str, Any]]:
+    """Samples for ``variants``: stored ones are reused, the rest measured and appended.
+
+    A failing variant is logged and skipped, so one bad architecture does not lose a batch.
+    """
+    from omnic.deployment import Deployment
+
+    deployment = Deployment.coerce(deployment)
+    path = path or samples_path(deployment.device)
+    have = {s["key"]: s for s in load_samples(deployment.device, path)}
+    out = []
+    for i, v in enumerate(variants):
+        if v.key in have:
+            out.append(have[v.key])
+            continue
+        t0 = time.perf_counter()
+        try:
+            s = collect_sample(v, deployment)
+        except Exception as exc:  # noqa: BLE001 - a failed variant is skipped, not fatal
+            log(f"[{i + 1}/{len(variants)}] {v.key}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        with path.open("a") as f:
+            f.write(json.dumps(s) + "\n")
+        out.append(s)
+        log(f"[{i + 1}/{len(variants)}] {v.key}: {s['e2e_ms']:.3f} ms (spread {100 * s['spread']:.1f}%), "
+            f"{len(s['kernels'])} kernels, {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+# ---------------------------------------------------------------------------------- the model
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """Accuracy of network-latency predictions against measurements.
+
+    Attributes:
+        n: Networks evaluated.
+        within_10: Share of networks whose prediction is within +-10% of the measured latency.
+        rmse_ms: Root mean squared error in ms.
+        mape: Mean absolute relative error.
+        median_ape: Median absolute relative error.
+        rows: ``(key, measured_ms, predicted_ms)`` per network.
+    """
+
+    n: int
+    within_10: float
+    rmse_ms: float
+    mape: float
+    median_ape: float
+    rows: tuple[tuple[str, float, float], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "within_10": self.within_10, "rmse_ms": self.rmse_ms, "mape": self.mape,
+                "median_ape": self.median_ape, "rows": [list(r) for r in self.rows]}
+
+    def table(self) -> str:
+        lines = [f"{'network':<72} {'measured':>9} {'predicted':>9} {'err':>7}"]
+        for key, m, p in self.rows:
+            lines.append(f"{key[:72]:<72} {m:>9.3f} {p:>9.3f} {100 * (p - m) / m:>+6.1f}%")
+        lines.append(f"held-out networks: {self.n}; within +-10%: {100 * self.within_10:.1f}%; "
+                     f"RMSE {self.rmse_ms:.3f} ms; mean |err| {100 * self.mape:.1f}%; "
+                     f"median |err| {100 * self.median_ape:.1f}%")
+        return "\n".join(lines)
+
+
+def accuracy(measured: Sequence[float], predicted: Sequence[float], keys: Sequence[str] | None = None) -> Evaluation:
+    """Share within +-10%, RMSE and relative errors of predictions against measurements."""
+    m = np.asarray(measured, dtype=float)
+    p = np.asarray(predicted, dtype=float)
+    if m.size == 0:
+        raise PredictorError("nothing to evaluate: no measured samples")
+    ape = np.abs(p - m) / m
+    keys = list(keys) if keys is not None else [str(i) for i in range(m.size)]
+    return Evaluation(n=int(m.size), within_10=float(np.mean(ape <= 0.10)),
+                      rmse_ms=float(np.sqrt(np.mean((p - m) ** 2))), mape=float(np.mean(ape)),
+                      median_ape=float(np.median(ape)),
+                      rows=tuple((k, float(a), float(b)) for k, a, b in zip(keys, m, p)))
+
+
+_XGB_PARAMS = {"n_estimators": 600, "max_depth": 6, "learning_rate": 0.05, "subsample": 0.9,
+               "colsample_bytree": 0.9, "min_child_weight": 1.0, "reg_lambda": 1.0, "n_jobs": 1}
+
+
+def _kernel_rows(samples: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    rows, groups, targets = [], [], []
+    for gi, s in enumerate(samples):
+        for k in s["kernels"]:
+            if k.get("ms_per_call") is None:
+                continue
+            rows.append(k)
+            groups.append(gi)
+            targets.append(math.log(k["ms_per_call"]))
+    return rows, np.asarray(groups), np.asarray(targets)
+
+
+def _fit_xgb(X: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int = 0):
+    import xgboost as xgb
+
+    model = xgb.XGBRegressor(objective="reg:squarederror", random_state=seed, **_XGB_PARAMS)
+    model.fit(X, y, sample_weight=w)
+    return model
+
+
+def _network_terms(samples: Sequence[dict[str, Any]], kernel_ms: Sequence[np.ndarray]) -> np.ndarray:
+    """Per network: [sum over kernels of calls x ms, number of kernel calls, 1]."""
+    terms = []
+    for s, ms in zip(samples, kernel_ms):
+        calls = np.array([k["calls"] for k in s["kernels"]], dtype=float)
+        terms.append([float(np.dot(calls, ms)), float(calls.sum()), 1.0])
+    return np.asarray(terms)
+
+
+_TARGETS = ("e2e_ms", "e2e_min_ms")
+
+
+class LatencyPredictor:
+    """Kernel-level XGBoost latency model of one device (and tuning state).
+
+    Args:
+        device: Device name the samples were measured on.
+        tuning_state: What builds the samples describe (``"untuned"``).
+        target: Which measured latency it predicts: ``"e2e_ms"``, the oracle's standard
+            protocol (median of repeats), or ``"e2e_min_ms"``, the fastest repeat (what the
+            network costs when no other process competes for the cores).
+    """
+
+    def __init__(self, device: str = "host", *, tuning_state: str = TUNING_STATE, target: str = "e2e_ms"):
+        if target not in _TARGETS:
+            raise PredictorError(f"target must be one of {', '.join(_TARGETS)}, got {target!r}")
+        self.device = device
+        self.tuning_state = tuning_state
+        self.target = target
+        self.version: int | None = None
+        self.model: Any = None
+        self.calibration = (1.0, 0.0, 0.0)  # a * kernel_sum + b * calls + c
+        self.info: dict[str, Any] = {}
+        self._cache: dict[tuple[str, str], float] = {}
+
+    # -------------------------------------------------------------------------------- fitting
+    def fit(self, samples: Sequence[dict[str, Any]], *, folds: int = 4, seed: int = 0) -> "LatencyPredictor":
+        """Fit the kernel regressor and the network overhead model.
+
+        The kernel regressor learns log(ms per call) from kernel features, weighted by each
+        kernel's share of its network's time, since that is what network accuracy depends on.
+        The overhead model ``e2e = a * sum + b * calls + c`` is fitted on out-of-fold kernel
+        predictions (folds split by network), so it corrects the regressor's bias on unseen
+        networks rather than its training fit.
+
+        Raises:
+            PredictorError: Fewer than 2 usable samples.
+        """
+        samples = [s for s in samples if s.get(self.target)]
+        if len(samples) < 2:
+            raise PredictorError(f"need at least 2 measured networks to fit, got {len(samples)}; "
+                                 f"run `omnic predictor fit --device {self.device} --samples 40`")
+        rows, groups, y = _kernel_rows(samples)
+        X = _matrix(rows)
+        totals = {}
+        for gi, s in enumerate(samples):
+            totals[gi] = sum(k["ms_per_call"] * k["calls"] for k in s["kernels"] if k.get("ms_per_call"))
+        w = np.array([r["ms_per_call"] * r["calls"] / totals[g] for r, g in zip(rows, groups)])
+        w = 0.05 + w  # keep tiny kernels in the fit: there are many of them
+        self.model = _fit_xgb(X, y, w, seed)
+
+        # out-of-fold kernel predictions for the overhead fit
+        k = min(folds, len(samples))
+        oof = np.zeros_like(y)
+        if k >= 2:
+            order = list(range(len(samples)))
+            random.Random(seed).shuffle(order)
+            fold_of = {g: i % k for i, g in enumerate(order)}
+            fold = np.array([fold_of[g] for g in groups])
+            for f in range(k):
+                test = fold == f
+                m = _fit_xgb(X[~test], y[~test], w[~test], seed)
+                oof[test] = m.predict(X[test])
+        else:
+            oof = self.model.predict(X)
+        kernel_ms = []
+        for gi, s in enumerate(samples):
+            pred = np.exp(oof[groups == gi])
+            kernel_ms.append(self._fill(s["kernels"], pred))
+        terms = _network_terms(samples, kernel_ms)
+        e2e = np.array([s[self.target] for s in samples])
+        self.calibration = self._fit_calibration(terms, e2e)
+        self.info = {"n_networks": len(samples), "n_kernel_samples": int(len(rows)),
+                     "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "variants": [s["key"] for s in samples]}
+        self._cache.clear()
+        return self
+
+    @staticmethod
+    def _fill(kernels: Sequence[dict[str, Any]], pred_for_measured: np.ndarray) -> np.ndarray:
+        """Kernel ms in the order of ``kernels``; unmeasured kernels get 0 (they were never timed)."""
+        out, it = [], iter(pred_for_measured)
+        for k in kernels:
+            out.append(next(it) if k.get("ms_per_call") is not None else 0.0)
+        return np.asarray(out, dtype=float)
+
+    @staticmethod
+    def _fit_calibration(terms: np.ndarray, e2e: np.ndarray) -> tuple[float, float, float]:
+        # Relative least squares (rows divided by the measured latency): the accuracy target is
+        # relative, and plain least squares would let the slowest networks dominate.
+        if len(e2e) < 3:
+            return 1.0, 0.0, 0.0
+        A = terms / e2e[:, None]
+        coef, *_ = np.linalg.lstsq(A, np.ones_like(e2e), rcond=None)
+        a, b, c = (float(v) for v in coef)
+        if a <= 0:  # degenerate fit on too few networks; fall back to the plain sum
+            return 1.0, 0.0, 0.0
+        return a, b, c
+
+    # ----------------------------------------------------------------------------- predicting
+    def _require_model(self) -> None:
+        if self.model is None:
+            raise PredictorError(f"the predictor for {self.device!r} is not fitted; call fit() or "
+                                 f"LatencyPredictor.load({self.device!r})")
+
+    def predict_kernels(self, kernels: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Predicted ms per call of each kernel (``kernel_features`` rows)."""
+        self._require_model()
+        if not kernels:
+            return np.zeros(0)
+        return np.exp(self.model.predict(_matrix(kernels)))
+
+    def predict_features(self, kernels: Sequence[dict[str, Any]]) -> float:
+        """Network latency in ms from its kernels' features (no TVM work at all)."""
+        ms = self.predict_kernels(kernels)
+        calls = np.array([k["calls"] for k in kernels], dtype=float)
+        a, b, c = self.calibration
+        return float(a * np.dot(calls, ms) + b * calls.sum() + c)
+
+    def predict_many(self, networks: Sequence[Sequence[dict[str, Any]]]) -> list[float]:
+        """Latencies of many networks in one regressor call (for screening candidates)."""
+        self._require_model()
+        flat = [k for n in networks for k in n]
+        ms = self.predict_kernels(flat) if flat else np.zeros(0)
+        a, b, c = self.calibration
+        out, i = [], 0
+        for n in networks:
+            calls = np.array([k["calls"] for k in n], dtype=float)
+            out.append(float(a * np.dot(calls, ms[i:i + len(n)]) + b * calls.sum() + c))
+            i += len(n)
+        return out
+
+    def predict_prepared(self, prepared: Any) -> float:
+        """Network latency in ms of a prepared (fused) module; reads its TIR, builds nothing."""
+        return self.predict_features(kernel_features(prepared))
+
+    def predict(self, model: Any, deployment: Any = None, example_inputs: Any = None) -> float:
+        """Predicted latency in ms of ``model`` on the deployment's device.
+
+        Lowers and prepares the model (about 1-5 s, mostly torch.export; no LLVM build), then
+        predicts from its kernels. Results are cached per (structural hash, input shapes).
+
+        Raises:
+            PredictorError: The deployment's device or precision is not the predictor's.
+        """
+        from omnic.deployment import Deployment
+        from omnic.ir import TracedModel, trace
+
+        deployment = Deployment.coerce(deployment if deployment is not None else self.device)
+        if deployment.device != self.device:
+            raise PredictorError(f"this predictor is for {self.device!r}, not {deployment.device!r}; "
+                                 f"load LatencyPredictor.load({deployment.device!r})")
+        traced = model if isinstance(model, TracedModel) and example_inputs is None else trace(model, example_inputs)
+        key = (traced.structural_hash, json.dumps([list(s) for s in traced.input_shapes]) + deployment.precision)
+        if key not in self._cache:
+            prepared, _, _ = _prepare(traced, deployment)
+            self._cache[key] = self.predict_prepared(prepared)
+        return self._cache[key]
+
+    def evaluate(self, samples: Sequence[dict[str, Any]]) -> Evaluation:
+        """Accuracy on measured samples (use networks that were not in the fit)."""
+        preds = [self.predict_features(s["kernels"]) for s in samples]
+        return accuracy([s[self.target] for s in samples], preds, [s["key"] for s in samples])
+
+    # ---------------------------------------------------------------------------- persistence
+    @staticmethod
+    def versions(device: str) -> list[int]:
+        """Saved versions of a device's predictor, oldest first."""
+        pat = re.compile(rf"^{re.escape(_safe(device))}-v(\d+)\.json$")
+        return sorted(int(m.group(1)) for p in predictors_dir().iterdir() if (m := pat.match(p.name)))
+
+    def save(self, *, version: int | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``<cache>/predictors/<device>-v<N>.json`` and the XGBoost model beside it.
+
+        Args:
+            version: Version number; default one above the newest saved.
+            extra: More metadata to record (e.g. the evaluation).
+
+        Returns:
+            The JSON file's path.
+        """
+        self._require_model()
+        existing = self.versions(self.device)
+        version = version if version is not None else (existing[-1] + 1 if existing else 1)
+        base = predictors_dir() / f"{_safe(self.device)}-v{version}"
+        model_file = base.with_suffix(".ubj")
+        self.model.save_model(str(model_file))
+        meta = {"format": FORMAT_VERSION, "device": self.device, "version": version,
+                "tuning_state": self.tuning_state, "target": self.target, "schema_version": SCHEMA_VERSION,
+                "feature_schema": list(FEATURES), "xgb_model": model_file.name,
+                "xgb_params": _XGB_PARAMS, "calibration": {"a": self.calibration[0], "b_per_call_ms":
+                                                            self.calibration[1], "c_ms": self.calibration[2]},
+                "train": self.info, **(extra or {})}
+        path = base.with_suffix(".json")
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(path)  # the JSON is the commit point: a half-written version is never loaded
+        self.version = version
+        return path
+
+    @classmethod
+    def load(cls, device: str = "host", version: int | None = None) -> "LatencyPredictor":
+        """The newest (or the given) saved predictor of ``device``.
+
+        Raises:
+            PredictorError: None saved, or saved with another feature schema.
+        """
+        import xgboost as xgb
+
+        versions = cls.versions(device)
+        if not versions or (version is not None and version not in versions):
+            raise PredictorError(
+                f"no saved latency predictor for {device!r}" + (f" version {version}" if version else "") +
+                f" under {predictors_dir()}; fit one with `omnic predictor fit --device {device}`")
+        version = version if version is not None else versions[-1]
+        base = predictors_dir() / f"{_safe(device)}-v{version}"
+        meta = json.loads(base.with_suffix(".json").read_text())
+        if meta.get("schema_version") != SCHEMA_VERSION or meta.get("feature_schema") != list(FEATURES):
+            raise PredictorError(f"{base}.json uses feature schema {meta.get('schema_version')}, this omnic "
+                                 f"uses {SCHEMA_VERSION}; refit with `omnic predictor fit --device {device}`")
+        pred = cls(device, tuning_state=meta["tuning_state"], target=meta.get("target", "e2e_ms"))
+        model = xgb.XGBRegressor()
+        model.load_model(str(base.parent / meta["xgb_model"]))
+        pred.model = model
+        cal = meta["calibration"]
+        pred.calibration = (float(cal["a"]), float(cal["b_per_call_ms"]), float(cal["c_ms"]))
+        pred.version = version
+        pred.info = meta
+        return pred
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fit_variants(n: int) -> list[Variant]:
+    return sample_variants(n, seed=FIT_SEED)
+
+
+def eval_variants(n: int, fit_n: int) -> list[Variant]:
+    return sample_variants(n, seed=EVAL_SEED, exclude=[v.key for v in fit_variants(max(fit_n, 200))])
+
+
+def cmd_fit(args) -> int:
+    from omnic.cli import _deployment_from
+
+    deployment = _deployment_from(args)
+    samples = collect(fit_variants(args.samples), deployment, log=_log)
+    pred = LatencyPredictor(deployment.device).fit(samples)
+    path = pred.save()
+    print(f"fitted {deployment.device} predictor v{pred.version} on {len(samples)} networks "
+          f"({pred.info['n_kernel_samples']} kernel samples); saved {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from omnic.cli import _deployment_from
+
+    deployment = _deployment_from(args)
+    pred = LatencyPredictor.load(deployment.device, args.version)
+    fit_n = len(pred.info.get("train", {}).get("variants", [])) or 200
+    held = [v for v in eval_variants(args.samples, fit_n)
+            if v.key not in set(pred.info.get("train", {}).get("variants", []))]
+    samples = collect(held, deployment, log=_log)
+    ev = pred.evaluate(samples)
+    t0 = time.perf_counter()
+    reps = 0
+    while time.perf_counter() - t0 < 0.5:
+        pred.predict_many([s["kernels"] for s in samples])
+        reps += 1
+    rate = reps * len(samples) / (time.perf_counter() - t0)
+    data = dict(ev.to_dict(), device=deployment.device, version=pred.version, predictions_per_s=rate)
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2))
+    else:
+        print(ev.table())
+        print(f"predictor {deployment.device} v{pred.version}: {rate:.0f} network predictions/s from features")
+    return 0
+
+
+def cmd_collect(args) -> int:
+    from omnic.cli import _deployment_from
+
+    deployment = _deployment_from(args)
+    variants = fit_variants(args.samples) if args.set == "fit" else eval_variants(args.samples, 200)
+    samples = collect(variants, deployment, log=_log)
+    print(f"{len(samples)} samples for {deployment.device} in {samples_path(deployment.device)}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``omnic predictor fit|eval|collect``."""
+    p = subparsers.add_parser("predictor", help="kernel-level latency predictor per device")
+    sub = p.add_subparsers(dest="predictor_command", required=True)
+
+    def common(q):
+        q.add_argument("--device", default="host")
+        q.add_argument("--precision", default="fp32")
+        q.add_argument("--threads", type=int)
+
+    q = sub.add_parser("fit", help="measure zoo variants (untuned) and fit a new predictor version")
+    common(q)
+    q.add_argument("--samples", type=int, default=48, help="number of zoo variants to fit on")
+    q.set_defaults(func=cmd_fit)
+    q = sub.add_parser("eval", help="accuracy on held-out zoo variants (within +-10%%, RMSE)")
+    common(q)
+    q.add_argument("--samples", type=int, default=16, help="number of held-out variants")
+    q.add_argument("--version", type=int, help="predictor version (default: newest)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_eval)
+    q = sub.add_parser("collect", help="only measure samples (fit or held-out set)")
+    common(q)
+    q.add_argument("--samples", type=int, default=48)
+    q.add_argument("--set", choices=("fit", "eval"), default="fit")
+    q.set_defaults(func=cmd_collect)

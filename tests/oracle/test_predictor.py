@@ -1,0 +1,168 @@
+"""The kernel-level latency predictor: features, fit on measured variants, held-out accuracy, save/load."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from omnic.deployment import Deployment
+from omnic.ir import trace
+from omnic.oracle import predictor as P
+
+
+def _variant(family: str, resolution: int, **params) -> P.Variant:
+    return P.Variant(family=family, params=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                        for k, v in params.items())), resolution=resolution)
+
+
+# Small, fast-compiling variants: 8 to fit on, 3 held out (other widths, depths and resolutions).
+FIT = [_variant("resnet", r, layers=l, widths=w, stem="small", num_classes=10) for r, l, w in (
+    (32, [1, 1, 1], [8, 16, 32]), (40, [1, 1, 1], [16, 32, 64]), (48, [2, 1, 1], [8, 16, 32]),
+    (32, [1, 2, 1], [12, 24, 48]))] + [
+    _variant("mobilenet_v2", r, width_mult=wm, num_classes=10) for r, wm in ((32, 0.25), (48, 0.25), (40, 0.35),
+                                                                              (32, 0.5))]
+HELD_OUT = [_variant("resnet", 40, layers=[1, 1, 2], widths=[12, 24, 48], stem="small", num_classes=10),
+            _variant("resnet", 48, layers=[1, 1, 1], widths=[8, 16, 32], stem="small", num_classes=10),
+            _variant("mobilenet_v2", 48, width_mult=0.35, num_classes=10)]
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pred") / "samples-host.jsonl"
+    fit = P.collect(FIT, "host", path=path, log=lambda *_: None)
+    held = P.collect(HELD_OUT, "host", path=path, log=lambda *_: None)
+    assert len(fit) == len(FIT) and len(held) == len(HELD_OUT)
+    return fit, held
+
+
+def test_conv_features_match_the_conv_arithmetic():
+    cin, cout, k, h, w = 8, 16, 3, 12, 10
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=1, bias=False), nn.ReLU()).eval()
+    prepared, _, _ = P._prepare(trace(model, torch.randn(1, cin, h, w)), Deployment())
+    kernels = {k_["name"]: k_ for k_ in P.kernel_features(prepared)}
+    conv = next(v for n, v in kernels.items() if "conv2d" in n)
+    f = conv["features"]
+    assert f["flops"] == 2 * cout * cin * k * k * h * w
+    assert (f["kind"], f["H"], f["W"], f["cin"], f["cout"], f["kh"], f["kw"], f["stride"], f["groups"]) == (
+        "conv", h, w, cin, cout, k, k, 1, 1)
+    assert f["tok_conv2d"] == 1 and f["tok_relu"] == 1
+    assert f["log_weight_bytes"] == pytest.approx(np.log2(1 + 4 * cout * cin * k * k))
+    assert conv["calls"] == 1
+
+
+def test_depthwise_conv_is_recognised():
+    model = nn.Sequential(nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8)).eval()
+    prepared, _, _ = P._prepare(trace(model, torch.randn(1, 8, 12, 12)), Deployment())
+    conv = next(k for k in P.kernel_features(prepared) if "conv2d" in k["name"])["features"]
+    assert (conv["kind"], conv["groups"], conv["stride"], conv["H"], conv["kh"]) == ("dwconv", 8, 2, 6, 5)
+    assert conv["flops"] == 2 * 8 * 5 * 5 * 6 * 6
+
+
+def test_samples_have_measured_kernels(samples):
+    fit, _ = samples
+    for s in fit:
+        assert s["e2e_ms"] > 0 and not s["unmatched_kernels"]
+        assert all(k["ms_per_call"] > 0 for k in s["kernels"])
+        # hook-corrected kernel times add up to roughly the end-to-end time (same run, same code)
+        total = sum(k["ms_per_call"] * k["calls"] for k in s["kernels"])
+        assert 0.3 * s["e2e_ms"] < total < 3 * s["e2e_ms"]
+
+
+def test_held_out_accuracy_is_computed(samples):
+    fit, held = samples
+    assert not {s["key"] for s in fit} & {s["key"] for s in held}
+    pred = P.LatencyPredictor("host").fit(fit)
+    ev = pred.evaluate(held)
+    measured = np.array([s["e2e_ms"] for s in held])
+    predicted = np.array([pred.predict_features(s["kernels"]) for s in held])
+    ape = np.abs(predicted - measured) / measured
+    # the figure reported is the figure computed from the predictions, not a constant
+    assert ev.n == 3
+    assert ev.within_10 == pytest.approx(float(np.mean(ape <= 0.10)))
+    assert ev.rmse_ms == pytest.approx(float(np.sqrt(np.mean((predicted - measured) ** 2))))
+    assert ev.median_ape == pytest.approx(float(np.median(ape)))
+    # loose, but a predictor that learned nothing (or a wrong unit) fails it
+    assert ev.median_ape < 0.5, ev.table()
+    assert pred.predict_many([s["kernels"] for s in held]) == pytest.approx(list(predicted))
+
+
+def test_predict_from_a_model_builds_nothing_and_matches_the_features(samples, monkeypatch):
+    fit, _ = samples
+    pred = P.LatencyPredictor("host").fit(fit)
+    from omnic import compiler
+
+    def no_build(*_a, **_k):
+        raise AssertionError("predict must not build")
+
+    monkeypatch.setattr(compiler, "build", no_build)
+    variant = FIT[0]
+    model, x = variant.build()
+    ms = pred.predict(model, "host", x)
+    stored = next(s for s in fit if s["key"] == variant.key)
+    assert ms == pytest.approx(pred.predict_features(stored["kernels"]), rel=1e-6)
+    with pytest.raises(P.PredictorError, match="is for 'host'"):
+        pred.predict(model, _other_device(), x)
+
+
+def _other_device() -> Deployment:
+    from omnic.targets import DEVICES
+
+    name = next(n for n in DEVICES if n != "host")
+    return Deployment(device=name)
+
+
+def test_save_load_round_trip_and_versions(samples, fresh_cache):
+    fit, held = samples
+    pred = P.LatencyPredictor("host").fit(fit[:5])
+    p1 = pred.save(extra={"eval": pred.evaluate(held).to_dict()})
+    p2 = pred.save()
+    assert (p1.name, p2.name) == ("host-v1.json", "host-v2.json")
+    assert P.LatencyPredictor.versions("host") == [1, 2]
+    meta = json.loads(p1.read_text())
+    assert meta["feature_schema"] == list(P.FEATURES) and meta["tuning_state"] == "untuned"
+    loaded = P.LatencyPredictor.load("host")
+    assert loaded.version == 2
+    for s in held:
+        assert loaded.predict_features(s["kernels"]) == pytest.approx(pred.predict_features(s["kernels"]), rel=1e-5)
+    assert P.LatencyPredictor.load("host", 1).calibration == pytest.approx(pred.calibration)
+    # a file written with another feature schema is refused, not silently mis-read
+    meta["schema_version"] = -1
+    p1.write_text(json.dumps(meta))
+    with pytest.raises(P.PredictorError, match="refit"):
+        P.LatencyPredictor.load("host", 1)
+    with pytest.raises(P.PredictorError, match="omnic predictor fit"):
+        P.LatencyPredictor.load("no-such-device")
+
+
+def test_fit_needs_samples_and_unfitted_predictor_says_so():
+    with pytest.raises(P.PredictorError, match="at least 2"):
+        P.LatencyPredictor("host").fit([])
+    with pytest.raises(P.PredictorError, match="not fitted"):
+        P.LatencyPredictor("host").predict_features([])
+
+
+def test_accuracy_figures():
+    ev = P.accuracy([10.0, 10.0, 10.0, 10.0], [10.5, 9.0, 11.5, 10.0])
+    assert ev.within_10 == 0.75
+    assert ev.rmse_ms == pytest.approx(np.sqrt((0.25 + 1 + 2.25 + 0) / 4))
+
+
+def test_variants_are_distinct_and_held_out_excludes_fit():
+    fit = P.fit_variants(20)
+    held = P.eval_variants(10, 20)
+    assert len({v.key for v in fit}) == 20 and not {v.key for v in fit} & {v.key for v in held}
+    assert {v.family for v in fit} == set(P._FAMILIES)
+    assert P.Variant.from_dict(fit[0].to_dict()) == fit[0]
+
+
+def test_cli_registers_fit_and_eval():
+    from omnic.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["predictor", "fit", "--device", "host", "--samples", "12"])
+    assert (args.func, args.samples) == (P.cmd_fit, 12)
+    args = parser.parse_args(["predictor", "eval", "--device", "host"])
+    assert args.func is P.cmd_eval
