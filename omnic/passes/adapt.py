@@ -1,0 +1,313 @@
+"""``nas.adapt``: rewrite a model for a device, keeping each rewrite only where it measurably helps.
+
+    adapted = nas.adapt(model, {"device": "host"}, torch.randn(1, 3, 64, 64))
+    print(adapted.adapt_report.table())
+
+The passes propose; the latency oracle (exact compiled latency on the device) decides. A
+candidate rewrite is kept when the measured latency drops by more than the noise of the two
+measurements (half their interquartile ranges, added). Approximate swaps are tried only with
+``approximate=True``, and never beyond ``tolerance`` (relative output change on the example input).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from omnic.deployment import Deployment
+from omnic.errors import DeploymentError, MeasurementError, PassError
+from omnic.ir import TracedModel, resolve_example_inputs, trace
+from omnic.measure import MeasureConfig, Measurement
+from omnic.passes import DEFAULT_PASSES
+from omnic.passes.base import EXAMPLE_INPUTS_META, copy_graph_module, get_pass, run_passes
+
+#: Relative output change above which an "exact" rewrite is treated as broken (float rounding
+#: of folded weights stays orders of magnitude below this).
+EXACT_RTOL = 1e-4
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptStep:
+    """One pass tried by :func:`adapt`.
+
+    Attributes:
+        name: The pass.
+        status: ``kept``, ``required`` (legalisation, always applied), ``rejected: ...``,
+            ``no match`` (nothing to rewrite), ``off: approximate`` (needs ``approximate=True``).
+        nodes_changed: Nodes the pass rewrote.
+        exact: Whether the pass is exact.
+        why: Why the pass applies (or not) to the device.
+        before_ms / after_ms: Measured latency before and with the rewrite (median).
+        before_noise_ms / after_noise_ms: Half the interquartile range of those measurements.
+        max_abs_diff / max_rel_diff: Output change of the candidate against the original model
+            on the example input (rel: divided by the largest output magnitude).
+        notes: Details from the pass.
+    """
+
+    name: str
+    status: str
+    nodes_changed: tuple[str, ...] = ()
+    exact: bool = True
+    why: str = ""
+    before_ms: float | None = None
+    after_ms: float | None = None
+    before_noise_ms: float | None = None
+    after_noise_ms: float | None = None
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptReport:
+    """What :func:`adapt` tried, measured and kept. Prints as a table; ``to_dict()`` / ``json()``
+    for machines; ``report["final_ms"]`` reads a field of the dict view.
+
+    Attributes:
+        device / precision: The deployment.
+        input_shapes: Example input shapes.
+        steps: One :class:`AdaptStep` per pass, in the order tried.
+        original_ms / original_noise_ms: The unmodified model (None if it cannot compile).
+        final_ms / final_noise_ms: The adapted model.
+        max_abs_diff / max_rel_diff: Output change of the adapted model on the example input.
+        exact: True when every kept rewrite is exact.
+    """
+
+    device: str
+    precision: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    steps: tuple[AdaptStep, ...] = ()
+    original_ms: float | None = None
+    original_noise_ms: float | None = None
+    final_ms: float | None = None
+    final_noise_ms: float | None = None
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0
+    exact: bool = True
+
+    @property
+    def kept(self) -> list[str]:
+        """Names of the passes whose rewrites are in the adapted model."""
+        return [s.name for s in self.steps if s.status in ("kept", "required") and s.nodes_changed]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kept"] = self.kept
+        return data
+
+    def json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def table(self) -> str:
+        """A plain-text table: pass, nodes, exact, before/after ms (+- noise), output change, status."""
+
+        def ms(v: float | None, noise: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}±{(noise or 0):.3f}"
+
+        def diff(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1e}"
+
+        head = f"{'pass':<24}{'nodes':>6}  {'kind':<7}{'before ms':>14}{'after ms':>14}{'max rel diff':>13}  status"
+        lines = [f"nas.adapt on {self.device} ({self.precision}), input {', '.join(map(str, self.input_shapes))}",
+                 head, "-" * len(head)]
+        for s in self.steps:
+            lines.append(f"{s.name:<24}{len(s.nodes_changed):>6}  {'exact' if s.exact else 'approx':<7}"
+                         f"{ms(s.before_ms, s.before_noise_ms):>14}{ms(s.after_ms, s.after_noise_ms):>14}"
+                         f"{diff(s.max_rel_diff):>13}  {s.status}")
+        lines.append("-" * len(head))
+        lines.append(f"original {ms(self.original_ms, self.original_noise_ms)} ms -> adapted "
+                     f"{ms(self.final_ms, self.final_noise_ms)} ms; kept: {', '.join(self.kept) or 'nothing'}; "
+                     f"output max rel diff {self.max_rel_diff:.1e} ({'exact' if self.exact else 'approximate'})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _outputs(gm: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = gm(*inputs)
+    return [o.detach() for o in (out if isinstance(out, (tuple, list)) else [out])]
+
+
+def _diff(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> tuple[float, float]:
+    abs_d = max(float((a.double() - e.double()).abs().max()) for a, e in zip(actual, expected))
+    scale = max(float(e.abs().max()) for e in expected) or 1.0
+    return abs_d, abs_d / scale
+
+
+def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exact_only: bool = False,
+          approximate: bool = False, oracle: Any = None, tolerance: float = 0.05,
+          passes: Sequence[str] | None = None, config: MeasureConfig | None = None,
+          progress: Callable[[str], None] | None = None) -> fx.GraphModule:
+    """Adapt ``model`` to the deployment's device, keeping rewrites that measurably lower latency.
+
+    Args:
+        model: An ``nn.Module``, ``fx.GraphModule`` or :class:`~omnic.ir.TracedModel`.
+        deployment: ``Deployment``, dict or device name (default ``host``); must be measurable
+            (this machine, or a device attached through a tracker).
+        example_inputs: A tensor or tuple of tensors (outputs are compared on them, and the
+            LayerNorm -> BatchNorm swap calibrates on them).
+        exact_only: Try exact passes only, and reject any rewrite that changes the outputs
+            by more than float rounding. Cannot be combined with ``approximate``.
+        approximate: Also try the approximating swaps (off by default).
+        oracle: The latency oracle (default: :func:`omnic.oracle.default_oracle`).
+        tolerance: Largest relative output change (max |diff| / max |output|) an approximate
+            swap may cause on the example input; beyond it the swap is rejected unmeasured.
+        passes: Pass names to try, in order (default :data:`omnic.passes.DEFAULT_PASSES`).
+        config: Measurement protocol for fresh measurements.
+        progress: Called with one line per step (the CLI prints them).
+
+    Returns:
+        The adapted ``fx.GraphModule``; its ``adapt_report`` is an :class:`AdaptReport`.
+
+    Raises:
+        DeploymentError: ``exact_only`` and ``approximate`` together.
+        UnsupportedOperatorError: An operator the device cannot run and no pass can rewrite.
+        MeasurementError: The (legalised) model cannot be compiled or measured.
+        PassError: A pass failed (names it and the passes before it).
+    """
+    if exact_only and approximate:
+        raise DeploymentError("exact_only and approximate contradict each other: pick one")
+    from omnic.oracle import default_oracle
+
+    oracle = oracle or default_oracle()
+    deployment = Deployment.coerce(deployment)
+    spec = deployment.spec
+    say = progress or (lambda _msg: None)
+    if isinstance(model, TracedModel) and example_inputs is None:
+        traced = model
+    else:
+        traced = trace(model, resolve_example_inputs(example_inputs, deployment))
+    if traced.gm is None:
+        raise PassError("nas.adapt rewrites PyTorch graphs; an ONNX file has none: pass the nn.Module")
+    inputs = traced.example_inputs
+    reference = _outputs(traced.gm, inputs)
+    names = list(passes or DEFAULT_PASSES)
+    infos = [get_pass(n) for n in names]
+
+    def measure(gm: fx.GraphModule) -> Measurement:
+        return oracle.measure(trace(gm, inputs), deployment, config=config)
+
+    current = copy_graph_module(traced.gm)
+    current.meta[EXAMPLE_INPUTS_META] = inputs
+    steps: list[AdaptStep] = []
+    done: list[str] = []
+
+    # 1. legalisation: what the device cannot run at all is rewritten before anything is measured
+    required = [i for i in infos if i.required]
+    for info in required:
+        current, rep = _run_one(current, spec, info.name, done)
+        steps.append(AdaptStep(name=info.name, status="required" if rep.changed else "no match",
+                               nodes_changed=rep.nodes_changed, exact=rep.exact, why=rep.why, notes=rep.notes))
+    original = oracle.measure(traced, deployment, config=config)
+    legalised = any(s.nodes_changed for s in steps)
+    base = measure(current) if legalised else original
+    if not base.ok:
+        raise MeasurementError(f"cannot measure the model on {spec.name}: {base.error}")
+    say(f"baseline on {spec.name}: {base.median_ms:.3f} ms (noise {base.noise_ms:.3f} ms)")
+    if legalised:
+        abs_d, rel_d = _diff(_outputs(current, inputs), reference)
+        steps = [replace(s, after_ms=base.median_ms, after_noise_ms=base.noise_ms,
+                         before_ms=original.median_ms if original.ok else None,
+                         before_noise_ms=original.noise_ms if original.ok else None,
+                         max_abs_diff=abs_d, max_rel_diff=rel_d) for s in steps]
+
+    # 2. one candidate per pass, measured, kept only if faster beyond noise
+    for info in infos:
+        if info.required:
+            continue
+        candidate, rep = _run_one(current, spec, info.name, done)
+        common = dict(name=info.name, nodes_changed=rep.nodes_changed, exact=rep.exact, why=rep.why,
+                      notes=rep.notes, before_ms=base.median_ms, before_noise_ms=base.noise_ms)
+        if not rep.changed:
+            steps.append(AdaptStep(status="no match", **common))
+            continue
+        if not rep.exact and not approximate:
+            steps.append(AdaptStep(status="off: approximate (approximate=True to try)", **common))
+            continue
+        abs_d, rel_d = _diff(_outputs(candidate, inputs), reference)
+        common.update(max_abs_diff=abs_d, max_rel_diff=rel_d)
+        if rep.exact and rel_d > EXACT_RTOL:
+            steps.append(AdaptStep(status=f"rejected: exact pass changed outputs (rel {rel_d:.1e})", **common))
+            continue
+        if not rep.exact and rel_d > tolerance:
+            steps.append(AdaptStep(status=f"rejected: output moved {rel_d:.2g} > tolerance {tolerance:g}", **common))
+            continue
+        m = measure(candidate)
+        if not m.ok:
+            steps.append(AdaptStep(status=f"rejected: does not compile/measure ({m.error})", **common))
+            continue
+        gain, noise = base.median_ms - m.median_ms, base.noise_ms + m.noise_ms
+        common.update(after_ms=m.median_ms, after_noise_ms=m.noise_ms)
+        if gain > noise:
+            status = "kept"
+            current, base = candidate, m
+        else:
+            status = f"rejected: {'slower' if gain < 0 else 'not faster'} beyond noise ({gain:+.3f} ms vs ±{noise:.3f})"
+        steps.append(AdaptStep(status=status, **common))
+        say(f"{info.name}: {len(rep.nodes_changed)} nodes, {common['before_ms']:.3f} -> {m.median_ms:.3f} ms: {status}")
+
+    current.meta.pop(EXAMPLE_INPUTS_META, None)
+    abs_d, rel_d = _diff(_outputs(current, inputs), reference)
+    report = AdaptReport(
+        device=spec.name, precision=deployment.precision, input_shapes=tuple(tuple(t.shape) for t in inputs),
+        steps=tuple(steps), original_ms=original.median_ms if original.ok else None,
+        original_noise_ms=original.noise_ms if original.ok else None, final_ms=base.median_ms,
+        final_noise_ms=base.noise_ms, max_abs_diff=abs_d, max_rel_diff=rel_d,
+        exact=all(s.exact for s in steps if s.status in ("kept", "required") and s.nodes_changed))
+    current.adapt_report = report
+    return current
+
+
+def _run_one(gm: fx.GraphModule, spec: Any, name: str, done: list[str]):
+    """Run one pass with the runner's error wrapping, naming the passes already applied."""
+    try:
+        run = run_passes(gm, spec, [name])
+    except PassError as exc:
+        raise PassError(f"{exc} [passes applied before it: {', '.join(done) or 'none'}]") from exc
+    report = run.reports[0]
+    if report.changed:
+        done.append(name)
+    return run.gm, report
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def register_cli(subparsers: Any) -> None:
+    """Add ``omnic adapt MODEL --input-shape ... [--exact-only] [--approximate] [--json]``."""
+    from omnic.cli import add_model_args
+
+    p = subparsers.add_parser("adapt", help="rewrite a model for a device; keep what measurably helps")
+    add_model_args(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--exact-only", action="store_true", help="exact rewrites only; outputs unchanged")
+    mode.add_argument("--approximate", action="store_true", help="also try approximating swaps")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="max relative output change of an approximate swap (default 0.05)")
+    p.add_argument("--passes", help=f"comma-separated subset of: {', '.join(DEFAULT_PASSES)}")
+    p.add_argument("--save", help="torch.save the adapted GraphModule to this path")
+    p.set_defaults(func=_cmd_adapt)
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from omnic.cli import _deployment_from, _emit, load_model_spec, parse_shape
+
+    model, x = load_model_spec(args.model, parse_shape(args.input_shape))
+    passes = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
+    quiet = getattr(args, "json", False)
+    adapted = adapt(model, _deployment_from(args), x, exact_only=args.exact_only,
+                    approximate=args.approximate, tolerance=args.tolerance, passes=passes,
+                    progress=None if quiet else (lambda msg: print(msg, file=sys.stderr)))
+    report = adapted.adapt_report
+    if args.save:
+        torch.save(adapted, args.save)
+    _emit(args, report.to_dict(), report.table() + (f"\nsaved: {args.save}" if args.save else ""))
+    return 0

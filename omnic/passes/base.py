@@ -1,0 +1,225 @@
+"""The pass framework: pure ``(GraphModule, DeviceSpec) -> (GraphModule, PassReport)`` functions.
+
+Every pass copies its input first (like ``torch.fx.experimental.optimization.fuse(inplace=False)``)
+so a caller can try a rewrite, measure it, and throw it away without having touched the graph it
+started from. Passes record which nodes they changed and why they apply to the device, so the
+adaptation report can explain every decision.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from omnic.errors import OmnicError, PassError
+from omnic.targets import DeviceSpec
+
+#: ``gm.meta`` key under which :func:`omnic.passes.adapt.adapt` leaves the example inputs, so
+#: passes that calibrate (LayerNorm -> BatchNorm) use real activations instead of random ones.
+EXAMPLE_INPUTS_META = "omnic_example_inputs"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PassReport:
+    """What one pass did to one graph.
+
+    Attributes:
+        name: The pass's name.
+        nodes_changed: Names of the nodes (in the input graph) that were rewritten or removed.
+        exact: True when the rewrite keeps outputs equal (up to float rounding).
+        why: Why the pass applies (or does not apply) to this device.
+        notes: Extra detail: patterns skipped and the reason, calibration statistics used.
+    """
+
+    name: str
+    nodes_changed: tuple[str, ...] = ()
+    exact: bool = True
+    why: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        """True when the pass rewrote anything."""
+        return bool(self.nodes_changed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "nodes_changed": list(self.nodes_changed), "exact": self.exact,
+                "why": self.why, "notes": list(self.notes)}
+
+
+PassFn = Callable[[fx.GraphModule, DeviceSpec], "tuple[fx.GraphModule, PassReport]"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PassInfo:
+    """A registered pass.
+
+    Attributes:
+        name: Name used in reports, ``passes=`` arguments and the CLI.
+        fn: The pass function.
+        exact: Whether its rewrites keep outputs equal.
+        required: Legalisation passes (rewrite what the device cannot run at all): ``adapt``
+            applies them unconditionally, before it measures anything.
+    """
+
+    name: str
+    fn: PassFn
+    exact: bool
+    required: bool = False
+
+
+_REGISTRY: dict[str, PassInfo] = {}
+
+
+def register_pass(name: str, *, exact: bool, required: bool = False) -> Callable[[PassFn], PassFn]:
+    """Decorator: add a pass function to the registry (order of registration = default order)."""
+
+    def deco(fn: PassFn) -> PassFn:
+        _REGISTRY[name] = PassInfo(name=name, fn=fn, exact=exact, required=required)
+        fn.pass_name = name  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def registered_passes() -> dict[str, PassInfo]:
+    """Every registered pass, in default order."""
+    # Importing the pass modules registers them; done here so callers need one import.
+    from omnic.passes import device, exact  # noqa: F401
+
+    return dict(_REGISTRY)
+
+
+def get_pass(name: str) -> PassInfo:
+    passes = registered_passes()
+    if name not in passes:
+        raise PassError(f"unknown pass {name!r}; known passes: {', '.join(passes)}")
+    return passes[name]
+
+
+# ------------------------------------------------------------------------------------ helpers
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy (modules, parameters, graph and node meta) that a pass may edit freely."""
+    new = copy.deepcopy(gm)
+    new.meta = dict(getattr(gm, "meta", {}) or {})
+    return new
+
+
+def example_inputs_of(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    """The example inputs stored on the graph, or random ones shaped like its placeholders."""
+    stored = (getattr(gm, "meta", None) or {}).get(EXAMPLE_INPUTS_META)
+    if stored is not None:
+        return tuple(stored)
+    inputs = []
+    gen = torch.Generator().manual_seed(0)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None:
+            raise PassError(f"placeholder {node.name!r} has no shape: trace the model with omnic.ir.trace first")
+        inputs.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
+    return tuple(inputs)
+
+
+def refresh_shapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Recompile and re-record ``tensor_meta`` after a rewrite, so later passes see shapes."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs_of(gm))
+    return gm
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """The recorded output shape of an fx node, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls, else None."""
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def call_sites(gm: fx.GraphModule, target: str) -> int:
+    """How many ``call_module`` nodes call the submodule ``target`` (shared modules are left alone)."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``target``."""
+    parent_name, _, leaf = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, leaf, module)
+
+
+def add_module(gm: fx.GraphModule, hint: str, module: nn.Module) -> str:
+    """Add ``module`` under a fresh top-level name derived from ``hint``; returns the name."""
+    base = "omnic_" + hint.replace(".", "_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.add_submodule(name, module)
+    return name
+
+
+def unchanged(gm: fx.GraphModule, name: str, *, exact: bool, why: str,
+              notes: Iterable[str] = ()) -> tuple[fx.GraphModule, PassReport]:
+    """The result of a pass that does not apply: a copy of the input and an empty report."""
+    return copy_graph_module(gm), PassReport(name=name, exact=exact, why=why, notes=tuple(notes))
+
+
+# ------------------------------------------------------------------------------------- runner
+@dataclass(frozen=True, kw_only=True)
+class PassRun:
+    """The result of :func:`run_passes`: the rewritten graph and one report per pass."""
+
+    gm: fx.GraphModule
+    reports: tuple[PassReport, ...] = field(default_factory=tuple)
+
+
+def run_passes(gm: fx.GraphModule, spec: DeviceSpec, passes: Sequence[str | PassFn]) -> PassRun:
+    """Apply ``passes`` in order.
+
+    Args:
+        gm: A traced graph (shapes recorded); it is not modified.
+        spec: The device the passes adapt to.
+        passes: Pass names (see :func:`registered_passes`) or pass functions.
+
+    Returns:
+        The final graph and the reports, in order.
+
+    Raises:
+        PassError: A pass raised; the message names it and the passes that ran before it.
+            Typed omnic errors from a pass (an operator no pass can legalise) keep their type.
+    """
+    done: list[str] = []
+    reports: list[PassReport] = []
+    current = gm
+    for item in passes:
+        fn = get_pass(item).fn if isinstance(item, str) else item
+        name = item if isinstance(item, str) else getattr(item, "pass_name", getattr(item, "__name__", "pass"))
+        try:
+            current, report = fn(current, spec)
+            current.graph.lint()
+        except OmnicError as exc:
+            if isinstance(exc, PassError) or type(exc) is OmnicError:
+                raise PassError(f"pass {name!r} failed (after {done or 'no passes'}): {exc}") from exc
+            raise  # already typed and actionable (UnsupportedOperatorError...)
+        except Exception as exc:  # noqa: BLE001 - any bug in a pass is reported with its context
+            raise PassError(f"pass {name!r} failed (after {done or 'no passes'}): "
+                            f"{type(exc).__name__}: {exc}") from exc
+        reports.append(report)
+        done.append(name)
+    return PassRun(gm=current, reports=tuple(reports))
