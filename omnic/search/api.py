@@ -1,0 +1,139 @@
+"""``nas.omnimize`` and ``nas.search``: the user-facing entry points of omnic.search."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from torch import nn
+
+from omnic.deployment import Deployment
+from omnic.errors import SearchError
+from omnic.search.autonas import Constraints, SearchConfig, Searcher, random_search
+from omnic.search.convert import ConvertConfig, convert
+from omnic.search.fastnas import FastNASConfig, fastnas_search, sort_channels
+from omnic.search.result import MultiSearchResult, SearchResult
+from omnic.search.supernet import OmniModel
+
+
+def omnimize(model: nn.Module, mode: str = "autonas", example_inputs: Any = None, *,
+             deployment: Any = None, divisor: int | None = None, **kwargs: Any) -> OmniModel:
+    """Convert ``model`` into an elastic supernet (still an ``nn.Module``).
+
+    Args:
+        model: An fx-traceable CNN (it is copied, not modified).
+        mode: ``"autonas"`` (elastic width, kernel, depth, optional resolution) or
+            ``"fastnas"`` (fine-grained width only, channels sorted by importance).
+        example_inputs: A tensor (or tuple) shaped like one input batch.
+        deployment: When given, widths are multiples of its device's ``channel_multiple``.
+        divisor: Explicit channel multiple (overrides the deployment's).
+        **kwargs: Fields of :class:`~omnic.search.convert.ConvertConfig`: ``width_ratios``,
+            ``kernel_sizes``, ``depth``, ``resolutions``, ``freeze`` (module name patterns) and
+            ``choices`` (``{"layer2.0.conv1": {"width": [16, 32]}}``).
+
+    Returns:
+        The :class:`OmniModel`; ``omni_model.space`` summarises its choices.
+    """
+    if divisor is None:
+        divisor = Deployment.coerce(deployment).spec.channel_multiple if deployment is not None else 8
+    fields = {f.name for f in dataclasses.fields(ConvertConfig)}
+    unknown = set(kwargs) - fields
+    if unknown:
+        raise SearchError(f"unknown omnimize options {sorted(unknown)}; known: {sorted(fields - {'mode'})}")
+    for key in ("freeze", "width_ratios", "kernel_sizes", "resolutions"):
+        if key in kwargs and kwargs[key] is not None:
+            kwargs[key] = (kwargs[key],) if isinstance(kwargs[key], (str, int, float)) else tuple(kwargs[key])
+    config = ConvertConfig(mode=mode, divisor=int(divisor), **kwargs)
+    omni = convert(model, example_inputs, config)
+    if mode == "fastnas":
+        omni.channel_permutation = sort_channels(omni)
+    return omni
+
+
+def _deployments(deployment: Any) -> list[Deployment]:
+    if deployment is None:
+        return [Deployment.coerce("host")]
+    if isinstance(deployment, (list, tuple)):
+        if not deployment:
+            raise SearchError("deployment list is empty")
+        return [Deployment.coerce(d) for d in deployment]
+    return [Deployment.coerce(deployment)]
+
+
+def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
+           score_fn: Callable[[nn.Module], float] | None = None, *, mode: str | None = None,
+           config: SearchConfig | FastNASConfig | None = None, oracle: Any = None,
+           calib_loader: Iterable | None = None, checkpoint_dir: str | Path | None = None,
+           progress: bool = False, **overrides: Any) -> SearchResult | MultiSearchResult:
+    """Find the best subnet that meets ``constraints`` on the deployment's device.
+
+    Args:
+        omni_model: From :func:`omnimize`.
+        constraints: ``{"latency": ms, "params": n, "flops": n, "memory": MB}`` (any subset), or
+            per device ``{"host": {...}, "S888": {...}}`` when several deployments are given.
+        deployment: A deployment, or a list of them (one subnet per device).
+        score_fn: ``score_fn(model) -> float``, higher is better; it receives the supernet with
+            the candidate active (call it like any module).
+        mode: ``"autonas"`` (evolution), ``"random"`` (baseline) or ``"fastnas"``; default from
+            how the model was omnimized.
+        config: :class:`SearchConfig` (autonas/random) or :class:`FastNASConfig`; keyword
+            ``overrides`` replace its fields (``population=8, seed=1``...).
+        oracle: The exact latency oracle (default: :func:`omnic.oracle.default_oracle`).
+        calib_loader: Batches for BatchNorm recalibration of each candidate before scoring.
+        checkpoint_dir: Checkpoints go here; a search started again with the same arguments
+            resumes where it stopped.
+        progress: Print progress lines.
+
+    Returns:
+        A :class:`SearchResult`, or a :class:`MultiSearchResult` (by device) for several
+        deployments.
+
+    Raises:
+        InfeasibleConstraintError: No subnet meets the constraints (carries the smallest latency).
+        SearchError: Misconfiguration.
+    """
+    if not isinstance(omni_model, OmniModel):
+        raise SearchError("search needs a supernet from nas.omnimize(model, ...)")
+    if score_fn is None:
+        raise SearchError("search needs a score_fn(model) -> float (higher is better), e.g. validation accuracy")
+    if oracle is None:
+        from omnic.oracle import default_oracle
+
+        oracle = default_oracle()
+    mode = mode or ("fastnas" if omni_model.mode == "fastnas" else "autonas")
+    deps = _deployments(deployment)
+    per_device = isinstance(constraints, Mapping) and constraints and \
+        all(isinstance(v, Mapping) or k not in ("latency", "params", "flops", "memory")
+            for k, v in constraints.items())
+    results = MultiSearchResult()
+    for dep in deps:
+        cons_raw = constraints.get(dep.device) if per_device else constraints
+        if cons_raw is None:
+            raise SearchError(f"no constraints given for device {dep.device!r}")
+        cons = Constraints.coerce(cons_raw)
+        if mode == "fastnas":
+            if cons.latency is None:
+                raise SearchError("FastNAS needs a latency constraint (ms)")
+            cfg = config if isinstance(config, FastNASConfig) else FastNASConfig()
+            cfg = dataclasses.replace(cfg, **overrides)
+            if checkpoint_dir is not None:
+                cfg = dataclasses.replace(cfg, checkpoint_dir=str(checkpoint_dir))
+            res = fastnas_search(omni_model, cons, dep, score_fn, oracle=oracle, config=cfg,
+                                 calib_loader=calib_loader, progress=progress)
+        elif mode in ("autonas", "random"):
+            cfg = config if isinstance(config, SearchConfig) else SearchConfig()
+            cfg = dataclasses.replace(cfg, **overrides)
+            if mode == "random":
+                res = random_search(omni_model, cons, dep, score_fn, oracle=oracle, measurements=cfg.max_measurements,
+                                    seed=cfg.seed, calib_loader=calib_loader, calib_batches=cfg.calib_batches)
+            else:
+                ckpt = Path(checkpoint_dir) / f"autonas-{dep.device}-{dep.precision}.json" if checkpoint_dir else None
+                res = Searcher(omni_model, cons, dep, score_fn, oracle, cfg, calib_loader=calib_loader,
+                               checkpoint=ckpt, progress=progress).run()
+        else:
+            raise SearchError(f"unknown search mode {mode!r}; use 'autonas', 'random' or 'fastnas'")
+        name = dep.device
+        if name in results:  # the same device twice (e.g. two thread counts): keep both
+            name = f"{dep.device}:{dep.precision}:threads={dep.threads}"
+        results[name] = res
+    return results if len(deps) > 1 else next(iter(results.values()))
