@@ -181,18 +181,21 @@ def _fold_constants_numpy():
     return fold
 
 
-def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32"):
+def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantization: Any = None,
+            quant_report: dict | None = None):
     """Optimise and fuse a lowered module for ``spec``; the result is what tuning sees.
 
     Steps (CPU): BN folding, inference decomposition, constant folding, NHWC/OHWI conv layout,
     legalize + fuse ("zero" pipeline), layout-free weight attributes (so tuned kernels may
     re-lay out weights, folded at compile time). GPU: the same without the layout change.
+
+    int8: conv2d/matmul become integer kernels (:func:`omnic.quantize.quantize_relax`) with the
+    scales of ``quantization`` (an :class:`omnic.quantize.Calibration`); without one, a fixed
+    activation scale is used, which gives the right kernels for latency but meaningless outputs
+    (``engine.compile`` always calibrates). ``quant_report``, when given, receives the rewrite's
+    report (which ops run in integer).
     """
     tvm, relax = _tvm()
-    if precision == "int8":
-        raise UnsupportedPrecisionError(
-            "int8 compilation needs the quantization flow (engine.compile(..., calibration=...)), "
-            "which this version does not ship yet; use precision='fp32' or 'fp16'")
     try:
         fold_numpy = _fold_constants_numpy()
         mod = relax.transform.FoldBatchnormToConv2D()(mod)
@@ -201,6 +204,12 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32"):
         with target:
             mod = relax.transform.FoldConstant()(mod)
         mod = _clip_to_min_max()(mod)
+        if precision == "int8":
+            from omnic.quantize import quantize_relax
+
+            mod, q_report = quantize_relax(mod, quantization)
+            if quant_report is not None:
+                quant_report.update(q_report)
         if precision == "fp16":
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
         if spec.kind == "cpu":

@@ -50,7 +50,8 @@ def relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> floa
 
 
 def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, check: bool = True,
-            database: Any = None, progress: bool = True) -> DeviceModel:
+            database: Any = None, progress: bool = True, calibration: Any = None,
+            quantization: Any = None) -> DeviceModel:
     """Compile ``model`` for ``deployment``.
 
     Args:
@@ -61,6 +62,11 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
             ``report["max_rel_error"]``.
         database: A MetaSchedule database to apply instead of the device's persistent one.
         progress: Show tuning progress.
+        calibration: int8 only: calibration data (a tensor, a DataLoader, or an iterable of
+            batches; ``(inputs, labels)`` batches are fine). Default: the example inputs, which
+            gives the right kernels but poorly calibrated scales.
+        quantization: int8 only: a :class:`omnic.quantize.QuantConfig`, a dict of its fields or
+            a calibration method name (``"minmax"``, ``"percentile"``).
 
     Returns:
         A :class:`DeviceModel` (callable, timeable, exportable).
@@ -72,7 +78,17 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     spec = deployment.spec
     target = spec.tvm_target(num_threads=deployment.threads)
     mod = compiler.lower(traced)
-    prepared = compiler.prepare(mod, spec, target, deployment.precision)
+    calib, q_report = None, None
+    if deployment.precision == "int8":
+        from omnic import quantize
+
+        calib = quantize.calibrate(traced, traced.example_inputs if calibration is None else calibration,
+                                   quantize.QuantConfig.coerce(quantization),
+                                   source="example_inputs" if calibration is None else "calibration")
+        q_report = {}
+        prepared = compiler.prepare(mod, spec, target, "int8", quantization=calib, quant_report=q_report)
+    else:
+        prepared = compiler.prepare(mod, spec, target, deployment.precision)
     t_prepare = time.perf_counter() - t0
     tuning_report: dict[str, Any] = {"trials": 0, "tasks": 0, "new_tasks": 0}
     if database is None:
@@ -103,6 +119,13 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         actual = dm(*traced.example_inputs)
         actual = list(actual) if isinstance(actual, tuple) else [actual]
         report["max_rel_error"] = relative_error([a.numpy() for a in actual], expected)
+    if calib is not None:
+        from omnic import quantize
+
+        report["ops_precision"] = quantize.ops_precision(q_report)
+        report["quantization"] = {**calib.summary(), "layers": q_report.get("layers", [])}
+        if check and spec.local and not deployment.is_remote:
+            report["quantization"]["accuracy"] = quantize.accuracy_vs_fp32(dm, calib)
     return dm
 
 

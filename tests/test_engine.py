@@ -161,10 +161,12 @@ def test_unsupported_operator_is_named():
     assert "adaptive_max_pool2d" in msg and "pool" in msg and "fix" in msg
 
 
-def test_int8_without_quantization_flow_is_a_clear_error():
+def test_int8_without_calibration_set_calibrates_on_the_example_inputs():
     model, x = get_model("resnet_small")
-    with pytest.raises(omnic.OmnicError, match="int8"):
-        engine.compile(model, {"device": "host", "precision": "int8"}, x)
+    dm = engine.compile(model, {"device": "host", "precision": "int8"}, x)
+    assert dm.report["ops_precision"]["int8"].get("conv2d", 0) > 0
+    assert dm.report["quantization"]["source"] == "example_inputs"
+    assert dm.report["max_rel_error"] < 0.1
 
 
 def test_fp16_compiles_with_clip_activations():

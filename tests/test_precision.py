@@ -1,0 +1,169 @@
+"""Precision: fp16 on GPU targets and clip activations, int8 calibration, integer kernels, accuracy."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import omnic
+import omnic.ir
+from omnic import compiler, engine, quantize
+from omnic.precision import digits_data, evaluate, train_digits_cnn
+
+
+def _clip_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1), nn.Hardswish(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+# ------------------------------------------------------------------------------------- fp16
+@pytest.mark.parametrize("device,kind", [("a100", "cuda"), ("S888-gpu", "opencl")])
+def test_fp16_gpu_build_uses_half_precision(device, kind):
+    dm = engine.compile(_clip_model(), {"device": device, "precision": "fp16"}, torch.randn(1, 3, 16, 16),
+                        progress=False)
+    src_kind, source = compiler.device_source(dm.executable)
+    assert src_kind == kind
+    assert re.search(r"\bhalf\b", source), "fp16 kernels should compute in half"
+    assert dm.report["precision"] == "fp16"
+
+
+def test_fp16_host_with_relu6_hardswish_is_close_to_fp32():
+    model, x = _clip_model(), torch.randn(1, 3, 16, 16)
+    dm = engine.compile(model, {"device": "host", "precision": "fp16"}, x, progress=False)
+    with torch.no_grad():
+        ref = model(x)
+    assert (dm(x) - ref).abs().max() / ref.abs().max() < 1e-2
+    assert dm.report["max_rel_error"] < 1e-2
+
+
+# ------------------------------------------------------------------------------------- int8
+class ConvDense(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        return self.fc(torch.relu(self.c2(x)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def conv_dense():
+    torch.manual_seed(0)
+    model = ConvDense()
+    model.train()
+    model(torch.randn(8, 3, 8, 8))  # non-trivial BN statistics, folded into c1 before quantization
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    calib = [torch.randn(2, 3, 8, 8) for _ in range(8)]
+    dep = {"device": "host", "precision": "int8"}
+    integer = engine.compile(model, dep, x, calibration=calib, progress=False)
+    simulated = engine.compile(model, dep, x, calibration=calib, quantization={"integer": False}, progress=False)
+    return model, x, integer, simulated
+
+
+def test_integer_rewrite_matches_simulated_quantization(conv_dense):
+    model, x, integer, simulated = conv_dense
+    a, b = integer(x), simulated(x)
+    # one quantization step of the output: one step of the linear layer's input through its largest weight
+    fc = integer.report["quantization"]["layers"][-1]
+    assert fc["op"] == "matmul"
+    step = fc["act_scale"] * float(model.fc.weight.detach().abs().max())
+    assert float((a - b).abs().max()) <= step
+    with torch.no_grad():
+        ref = model(x)
+    assert float((a - ref).abs().max() / ref.abs().max()) < 0.05  # and int8 is close to fp32
+
+
+def test_ops_precision_and_quantization_report(conv_dense):
+    _, _, integer, simulated = conv_dense
+    rep = integer.report
+    assert rep["precision"] == "int8"
+    assert rep["ops_precision"]["int8"] == {"conv2d": 2, "matmul": 1}
+    q = rep["quantization"]
+    assert q["integer"] and q["batches"] == 8 and q["samples"] == 16 and q["source"] == "calibration"
+    assert [layer["act_dtype"] for layer in q["layers"]] == ["int8", "uint8", "uint8"]  # after ReLU: unsigned
+    acc = q["accuracy"]
+    assert acc["samples"] == 16 and acc["max_rel_error"] < 0.05 and acc["top1_agreement"] >= 0.75
+    assert simulated.report["quantization"]["integer"] is False
+
+
+def test_integer_kernels_are_int8_times_int8_into_int32(conv_dense):
+    _, _, integer, simulated = conv_dense
+
+    import tvm
+
+    def integer_kernels(dm):
+        found = []
+        for gv, func in dm.module.functions_items():
+            text = func.script() if isinstance(func, tvm.tirx.PrimFunc) else ""
+            # the accumulation multiplies two widened 8-bit operands into an int32 sum
+            if re.search(r'T\.Cast\("int32", \w+\[[^\]]*\]\) \* T\.Cast\("int32", \w+\[', text) and re.search(
+                    r'"u?int8"', text):
+                found.append(gv.name_hint)
+        return found
+
+    kernels = integer_kernels(integer)
+    assert any("conv2d" in k for k in kernels) and any("matmul" in k for k in kernels), kernels
+    assert not integer_kernels(simulated)
+    ll = integer.executable.mod.imports[0].inspect_source("ll")
+    assert re.search(r"[sz]ext <\d+ x i8> .* to <\d+ x i32>", ll)  # widening 8-bit loads in the kernels
+
+
+def test_int8_calibration_inputs_and_percentile():
+    model = _clip_model()
+    x = torch.randn(4, 3, 16, 16)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 3, 16, 16), torch.zeros(24, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)  # (inputs, labels) batches of another size
+    calib = quantize.calibrate(omnic.ir.trace(model, (x,)), loader, quantize.QuantConfig(method="percentile",
+                                                                                       percentile=99.0))
+    assert calib.batches == 3 and calib.samples == 24 and len(calib.layers) == 3
+    for layer in calib.layers:
+        assert layer.pct is not None and layer.pct <= max(abs(layer.amin), abs(layer.amax)) + 1e-6
+    assert calib.layers[1].amin >= 0  # after ReLU6
+    with pytest.raises(quantize.QuantizationError, match="calibration"):
+        quantize.calibrate(omnic.ir.trace(model, (x,)), 42)
+    with pytest.raises(quantize.QuantizationError, match="does not match"):
+        quantize.calibrate(omnic.ir.trace(model, (x,)), torch.randn(2, 3, 8, 8))
+    with pytest.raises(omnic.OmnicError):
+        quantize.QuantConfig(method="entropy-ish")
+
+
+def test_weight_quantization_is_per_channel_symmetric():
+    w = np.array([[1.0, -0.5], [0.01, 0.02]], dtype=np.float32)
+    q, s = quantize.quantize_weight(w, axis=0)
+    assert q.dtype == np.int8 and s.shape == (2,)
+    assert q[0, 0] == 127 and q[1, 1] == 127 and q[0, 1] == -64
+    assert np.allclose(q * s[:, None], w, atol=s.max() / 2)
+
+
+def test_oracle_measures_int8(fresh_cache):
+    model, x = _clip_model(), torch.randn(1, 3, 16, 16)
+    from omnic.oracle import default_oracle
+
+    ms = engine.get_latency(model, {"device": "host", "precision": "int8"}, x)
+    assert ms > 0
+    oracle = default_oracle()
+    fresh = oracle.fresh_measurements
+    assert engine.get_latency(model, {"device": "host", "precision": "int8"}, x) == ms
+    assert oracle.fresh_measurements == fresh  # stored under precision int8
+
+
+# ---------------------------------------------------------------------------- accuracy (digits)
+def test_digits_cnn_int8_accuracy_within_one_point_of_fp32():
+    data = digits_data()
+    model = train_digits_cnn(data, epochs=5)
+    fp32 = evaluate(model, data.x_test, data.y_test, batch=64)
+    assert fp32 > 0.9
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_train, data.y_train),
+                                         batch_size=64)
+    dm = engine.compile(model, {"device": "host", "precision": "int8"}, data.x_test[:64], calibration=loader,
+                        progress=False)
+    int8 = evaluate(dm, data.x_test, data.y_test, batch=64)
+    assert abs(int8 - fp32) <= 0.01, (fp32, int8)
+    assert dm.report["ops_precision"]["int8"] == {"conv2d": 4, "matmul": 1}
+    assert dm.report["quantization"]["accuracy"]["top1_agreement"] >= 0.97
