@@ -79,7 +79,9 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
         config: :class:`SearchConfig` (autonas/random) or :class:`FastNASConfig`; keyword
             ``overrides`` replace its fields (``population=8, seed=1``...).
         oracle: The exact latency oracle (default: :func:`omnic.oracle.default_oracle`).
-        calib_loader: Batches for BatchNorm recalibration of each candidate before scoring.
+        calib_loader: Batches for BatchNorm recalibration of each candidate before scoring (its
+            first ``calib_batches`` batches are used; pass an unshuffled loader for searches that
+            reproduce and resume exactly).
         checkpoint_dir: Checkpoints go here; a search started again with the same arguments
             resumes where it stopped.
         progress: Print progress lines.

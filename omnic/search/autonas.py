@@ -237,7 +237,9 @@ class Searcher:
         self.score_fn = score_fn
         self.oracle = oracle
         self.config = config
-        self.calib_loader = calib_loader
+        from omnic.search.train import fixed_batches
+
+        self.calib_loader = fixed_batches(calib_loader, config.calib_batches)
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.progress = progress
         self.strategy = EvolutionStrategy(self.space, config, getattr(omni_model, "canonical", None))

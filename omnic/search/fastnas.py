@@ -184,7 +184,10 @@ def fastnas_search(omni: Any, constraints: Any, deployment: Any, score_fn: Calla
     from omnic.cache import cache_root
     from omnic.search.train import recalibrate_bn
 
+    from omnic.search.train import fixed_batches
+
     t0 = time.perf_counter()
+    calib_loader = fixed_batches(calib_loader, config.calib_batches)
     if getattr(omni, "mode", None) != "fastnas":
         raise SearchError("fastnas search needs a supernet from nas.omnimize(model, mode='fastnas')")
     cons = Constraints.coerce(constraints)

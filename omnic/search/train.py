@@ -155,6 +155,19 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 4,
     return model.eval()
 
 
+def fixed_batches(loader: Iterable | None, n: int) -> list | None:
+    """The first ``n`` batches of ``loader`` as a list: every candidate is recalibrated on the
+    same data, so scores do not depend on a shuffling loader's state (and searches reproduce)."""
+    if loader is None or n <= 0:
+        return None
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out
+
+
 def finetune(model: Any, loader: Iterable, *, epochs: int = 1, lr: float = 0.01, momentum: float = 0.9,
              weight_decay: float = 1e-4, score_fn: Callable[[nn.Module], float] | None = None,
              loss_fn: Callable | None = None, seed: int = 0) -> Any:

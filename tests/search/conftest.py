@@ -25,6 +25,15 @@ def digits():
 
 
 @pytest.fixture(scope="session")
+def calib(digits):
+    """An unshuffled loader over the training digits: BN recalibration sees the same batches in
+    every run, which reproducible (and resumable) searches need."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(digits[0].dataset, batch_size=64, shuffle=False)
+
+
+@pytest.fixture(scope="session")
 def trained_supernet(digits):
     """A DigitsResNet supernet after a short sandwich training (shared by the search tests)."""
     from omnic import nas
