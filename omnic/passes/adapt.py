@@ -29,6 +29,8 @@ from omnic.passes.base import EXAMPLE_INPUTS_META, copy_graph_module, get_pass, 
 #: Relative output change above which an "exact" rewrite is treated as broken (float rounding
 #: of folded weights stays orders of magnitude below this).
 EXACT_RTOL = 1e-4
+_APPLIED = ("kept", "required", "applied (unmeasured)")
+_UNMEASURED = Measurement(median_ms=None, error="not measured (measure=False)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +95,7 @@ class AdaptReport:
     @property
     def kept(self) -> list[str]:
         """Names of the passes whose rewrites are in the adapted model."""
-        return [s.name for s in self.steps if s.status in ("kept", "required") and s.nodes_changed]
+        return [s.name for s in self.steps if s.status in _APPLIED and s.nodes_changed]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -147,7 +149,7 @@ def _diff(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> tuple[flo
 def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exact_only: bool = False,
           approximate: bool = False, oracle: Any = None, tolerance: float = 0.05,
           passes: Sequence[str] | None = None, config: MeasureConfig | None = None,
-          progress: Callable[[str], None] | None = None) -> fx.GraphModule:
+          measure: bool = True, progress: Callable[[str], None] | None = None) -> fx.GraphModule:
     """Adapt ``model`` to the deployment's device, keeping rewrites that measurably lower latency.
 
     Args:
@@ -164,6 +166,9 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
             swap may cause on the example input; beyond it the swap is rejected unmeasured.
         passes: Pass names to try, in order (default :data:`omnic.passes.DEFAULT_PASSES`).
         config: Measurement protocol for fresh measurements.
+        measure: False proposes without measuring (for a device with no tracker attached): every
+            rewrite that changes something and passes the accuracy checks is applied and marked
+            ``unmeasured``. The default keeps only what the oracle shows to be faster.
         progress: Called with one line per step (the CLI prints them).
 
     Returns:
@@ -171,6 +176,8 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
 
     Raises:
         DeploymentError: ``exact_only`` and ``approximate`` together.
+        DeviceUnreachableError: ``measure=True`` for a device that is neither this machine nor
+            attached through a tracker.
         UnsupportedOperatorError: An operator the device cannot run and no pass can rewrite.
         MeasurementError: The (legalised) model cannot be compiled or measured.
         PassError: A pass failed (names it and the passes before it).
@@ -183,6 +190,13 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
     deployment = Deployment.coerce(deployment)
     spec = deployment.spec
     say = progress or (lambda _msg: None)
+    if measure and not spec.local and not deployment.is_remote:
+        # fail before tracing and compiling anything (the oracle would only find out after a build)
+        from omnic.device_model import attach_hint
+        from omnic.errors import DeviceUnreachableError
+
+        raise DeviceUnreachableError(attach_hint(deployment) + " (or pass measure=False / --no-measure "
+                                     "to see the proposed rewrites unmeasured)")
     if isinstance(model, TracedModel) and example_inputs is None:
         traced = model
     else:
@@ -194,7 +208,9 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
     names = list(passes or DEFAULT_PASSES)
     infos = [get_pass(n) for n in names]
 
-    def measure(gm: fx.GraphModule) -> Measurement:
+    def measure_graph(gm: fx.GraphModule) -> Measurement:
+        if not measure:
+            return _UNMEASURED
         return oracle.measure(trace(gm, inputs), deployment, config=config)
 
     current = copy_graph_module(traced.gm)
@@ -206,14 +222,17 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
     required = [i for i in infos if i.required]
     for info in required:
         current, rep = _run_one(current, spec, info.name, done)
+        if rep.changed:
+            done.append(info.name)
         steps.append(AdaptStep(name=info.name, status="required" if rep.changed else "no match",
                                nodes_changed=rep.nodes_changed, exact=rep.exact, why=rep.why, notes=rep.notes))
-    original = oracle.measure(traced, deployment, config=config)
+    original = oracle.measure(traced, deployment, config=config) if measure else _UNMEASURED
     legalised = any(s.nodes_changed for s in steps)
-    base = measure(current) if legalised else original
-    if not base.ok:
+    base = measure_graph(current) if legalised else original
+    if measure and not base.ok:
         raise MeasurementError(f"cannot measure the model on {spec.name}: {base.error}")
-    say(f"baseline on {spec.name}: {base.median_ms:.3f} ms (noise {base.noise_ms:.3f} ms)")
+    if measure:
+        say(f"baseline on {spec.name}: {base.median_ms:.3f} ms (noise {base.noise_ms:.3f} ms)")
     if legalised:
         abs_d, rel_d = _diff(_outputs(current, inputs), reference)
         steps = [replace(s, after_ms=base.median_ms, after_noise_ms=base.noise_ms,
@@ -242,7 +261,13 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
         if not rep.exact and rel_d > tolerance:
             steps.append(AdaptStep(status=f"rejected: output moved {rel_d:.2g} > tolerance {tolerance:g}", **common))
             continue
-        m = measure(candidate)
+        if not measure:
+            current = candidate
+            done.append(info.name)
+            steps.append(AdaptStep(status="applied (unmeasured)", **common))
+            say(f"{info.name}: {len(rep.nodes_changed)} nodes: applied (unmeasured)")
+            continue
+        m = measure_graph(candidate)
         if not m.ok:
             steps.append(AdaptStep(status=f"rejected: does not compile/measure ({m.error})", **common))
             continue
@@ -251,6 +276,7 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
         if gain > noise:
             status = "kept"
             current, base = candidate, m
+            done.append(info.name)
         else:
             status = f"rejected: {'slower' if gain < 0 else 'not faster'} beyond noise ({gain:+.3f} ms vs ±{noise:.3f})"
         steps.append(AdaptStep(status=status, **common))
@@ -263,21 +289,18 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
         steps=tuple(steps), original_ms=original.median_ms if original.ok else None,
         original_noise_ms=original.noise_ms if original.ok else None, final_ms=base.median_ms,
         final_noise_ms=base.noise_ms, max_abs_diff=abs_d, max_rel_diff=rel_d,
-        exact=all(s.exact for s in steps if s.status in ("kept", "required") and s.nodes_changed))
+        exact=all(s.exact for s in steps if s.status in _APPLIED and s.nodes_changed))
     current.adapt_report = report
     return current
 
 
 def _run_one(gm: fx.GraphModule, spec: Any, name: str, done: list[str]):
-    """Run one pass with the runner's error wrapping, naming the passes already applied."""
+    """Run one pass with the runner's error wrapping, naming the passes already applied (``done``)."""
     try:
         run = run_passes(gm, spec, [name])
     except PassError as exc:
         raise PassError(f"{exc} [passes applied before it: {', '.join(done) or 'none'}]") from exc
-    report = run.reports[0]
-    if report.changed:
-        done.append(name)
-    return run.gm, report
+    return run.gm, run.reports[0]
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -294,6 +317,8 @@ def register_cli(subparsers: Any) -> None:
                    help="max relative output change of an approximate swap (default 0.05)")
     p.add_argument("--passes", help=f"comma-separated subset of: {', '.join(DEFAULT_PASSES)}")
     p.add_argument("--save", help="torch.save the adapted GraphModule to this path")
+    p.add_argument("--no-measure", action="store_true",
+                   help="propose rewrites without measuring (a device with no tracker attached)")
     p.set_defaults(func=_cmd_adapt)
 
 
@@ -305,6 +330,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     quiet = getattr(args, "json", False)
     adapted = adapt(model, _deployment_from(args), x, exact_only=args.exact_only,
                     approximate=args.approximate, tolerance=args.tolerance, passes=passes,
+                    measure=not args.no_measure,
                     progress=None if quiet else (lambda msg: print(msg, file=sys.stderr)))
     report = adapted.adapt_report
     if args.save:

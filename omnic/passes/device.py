@@ -74,7 +74,7 @@ def legalize_unsupported(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.Graph
                 out_size, with_indices = mod.output_size, mod.return_indices
             else:
                 out_size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
-                with_indices = node.kwargs.get("return_indices", False)
+                with_indices = node.kwargs.get("return_indices", node.args[2] if len(node.args) > 2 else False)
             h, w = shape[-2:]
             oh, ow = _pair(out_size)
             oh, ow = oh or h, ow or w

@@ -139,7 +139,9 @@ def _is_scalar(value: Any) -> bool:
 
 def _affine(node: fx.Node) -> tuple[fx.Node, float, float] | None:
     """``node`` as ``a * x + b`` over one tensor input ``x`` with Python-scalar ``a``, ``b``."""
-    if node.kwargs or len(node.args) != 2:
+    meta = node.meta.get("tensor_meta")
+    # only floating tensors: shape arithmetic on Python ints and integer tensors must stay integral
+    if node.kwargs or len(node.args) != 2 or meta is None or not getattr(meta, "dtype", torch.int64).is_floating_point:
         return None
     if node.op == "call_function":
         kind = _AFFINE_FNS.get(node.target)
