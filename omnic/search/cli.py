@@ -44,7 +44,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"space: {omni.space.num_subnets} subnets, {len(omni.space)} choices")
     overrides: dict[str, Any] = {}
     if args.mode != "fastnas":
-        overrides = {"population": args.population, "generations": args.generations,
+        overrides = {"population": args.population, "parents": max(1, min(4, args.population // 2)),
+                     "generations": args.generations,
                      "max_measurements": args.measurements, "seed": args.seed, "calib_batches": 2}
     result = nas.search(omni, {"latency": args.latency}, deployment=deployment, score_fn=accuracy_fn(val),
                         mode=args.mode, calib_loader=train, checkpoint_dir=args.output, progress=True,

@@ -234,8 +234,9 @@ def fastnas_search(omni: Any, constraints: Any, deployment: Any, score_fn: Calla
     if not fits(cfgs[hi]):
         lats = [v for v in measured.values() if v is not None]
         raise InfeasibleConstraintError(
-            f"no pruned model meets {cons.to_dict()} on {dep.device}: the narrowest measures "
-            f"{measured.get(space.key(cfgs[hi]))} ms; raise the budget or use a smaller base model",
+            f"no pruned model meets {cons.to_dict()} on {dep.device}: the smallest latency measured is "
+            f"{measured.get(space.key(cfgs[hi]))} ms (the narrowest widths); raise the budget or use a "
+            "smaller base model",
             best_latency_ms=min(lats) if lats else None)
     if fits(cfgs[0]):
         hi = 0
