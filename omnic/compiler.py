@@ -215,11 +215,21 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
         if spec.kind == "cpu":
             mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
             mod = fold_numpy(mod)
+            if precision == "int8" and spec.int_dot_product == "vnni":
+                from omnic.quantize import pack_vnni
+
+                mod, n_packed = pack_vnni(mod)
+                if quant_report is not None:
+                    quant_report["vnni_packed_convs"] = n_packed
         with target:
             mod = relax.transform.FoldConstant()(mod)
             mod = relax.get_pipeline("zero")(mod)
             if spec.kind == "cpu":
                 mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+                if precision == "int8":
+                    from omnic.quantize import strip_layout_free
+
+                    mod = strip_layout_free(mod)
     except Exception as exc:
         raise CompileError(f"preparing the model for {spec.name} failed: {type(exc).__name__}: "
                            f"{str(exc)[:800]}") from exc

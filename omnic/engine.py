@@ -87,6 +87,13 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
                                    source="example_inputs" if calibration is None else "calibration")
         q_report = {}
         prepared = compiler.prepare(mod, spec, target, "int8", quantization=calib, quant_report=q_report)
+        if q_report.get("vnni_packed_convs"):
+            # tuning tensorizes the packed convs with VNNI, and applying such records replays the
+            # intrinsic by name: both need it registered (and fixed for LLVM 22) in this process
+            wants_db = (deployment.tuning_trials > 0 or bool(deployment.tuning_time_s) or database is not None
+                        or (tuning.database_dir(deployment, target) / "database_workload.json").exists())
+            if wants_db:
+                quantize.register_vnni_intrinsic()
     else:
         prepared = compiler.prepare(mod, spec, target, deployment.precision)
     t_prepare = time.perf_counter() - t0
@@ -123,7 +130,8 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         from omnic import quantize
 
         report["ops_precision"] = quantize.ops_precision(q_report)
-        report["quantization"] = {**calib.summary(), "layers": q_report.get("layers", [])}
+        report["quantization"] = {**calib.summary(), "layers": q_report.get("layers", []),
+                                  "vnni_packed_convs": q_report.get("vnni_packed_convs", 0)}
         if check and spec.local and not deployment.is_remote:
             report["quantization"]["accuracy"] = quantize.accuracy_vs_fp32(dm, calib)
     return dm

@@ -401,8 +401,12 @@ def quantize_relax(mod: Any, calibration: Calibration | None, *, config: QuantCo
                 scale, dtype = UNCALIBRATED_SCALE, "int8"
             else:
                 scale, dtype = stats.activation_qparams(config)
-            q = self.builder_.emit(relax.op.quantize(x, relax.const(scale, "float32"), relax.const(0, "int8"),
-                                                     axis=axis, out_dtype=dtype))
+            lo, hi = (0.0, 255.0) if dtype == "uint8" else (-128.0, 127.0)
+            # round(x / s) clamped, written with elementwise ops rather than relax.quantize:
+            # ConvertLayout has layout rules for these (quantize gets wrapped in two transposes)
+            r = relax.op.round(relax.op.multiply(x, relax.const(1.0 / scale, "float32")))
+            q = self.builder_.emit(relax.op.astype(relax.op.minimum(relax.op.maximum(
+                r, relax.const(lo, "float32")), relax.const(hi, "float32")), dtype))
             return q, scale, dtype
 
         def visit_call_(self, call):
@@ -437,8 +441,8 @@ def quantize_relax(mod: Any, calibration: Calibration | None, *, config: QuantCo
                 rq = (s_x * s_w.astype(np.float64)).astype(np.float32).reshape(1, -1, 1, 1)
                 result = relax.op.multiply(out, relax.const(rq))
             else:
-                x_f = self.builder_.emit(relax.op.dequantize(x_q, relax.const(s_x, "float32"), relax.const(0, "int8"),
-                                                             axis=1, out_dtype="float32"))
+                x_f = self.builder_.emit(relax.op.multiply(relax.op.astype(x_q, "float32"),
+                                                           relax.const(s_x, "float32")))
                 w_f = (w_q.astype(np.float32) * s_w.reshape(-1, 1, 1, 1)).astype(np.float32)
                 result = relax.op.nn.conv2d(x_f, relax.const(w_f), out_dtype="float32", **kw)
             count("int8", "conv2d")
@@ -464,8 +468,8 @@ def quantize_relax(mod: Any, calibration: Calibration | None, *, config: QuantCo
                 rq = (s_x * s_w.astype(np.float64)).astype(np.float32)
                 result = relax.op.multiply(out, relax.const(rq))
             else:
-                x_f = self.builder_.emit(relax.op.dequantize(x_q, relax.const(s_x, "float32"), relax.const(0, "int8"),
-                                                             axis=-1, out_dtype="float32"))
+                x_f = self.builder_.emit(relax.op.multiply(relax.op.astype(x_q, "float32"),
+                                                           relax.const(s_x, "float32")))
                 w_f = (w_q.astype(np.float32) * s_w.reshape(1, -1)).astype(np.float32)
                 result = relax.op.matmul(x_f, relax.const(w_f), out_dtype="float32")
             count("int8", "matmul")
@@ -520,3 +524,143 @@ def accuracy_vs_fp32(device_model: Any, calibration: Calibration) -> dict[str, A
     if expected.ndim == 2 and expected.shape[1] > 1:
         result["top1_agreement"] = float((actual.argmax(1) == expected.argmax(1)).double().mean())
     return result
+
+
+# ------------------------------------------------------------------- x86 VNNI packed convs
+#: PrimFunc blocks of packed convs carry this name, so later steps can recognise them.
+VNNI_BLOCK = "conv2d_nhwc_vnni"
+
+
+def pack_vnni(mod: Any) -> tuple[Any, int]:
+    """Rewrite NHWC/OHWI int8 conv2d into convs over VNNI-packed weights.
+
+    ``vpdpbusd`` (x86 VNNI) multiplies 4 unsigned by 4 signed bytes into an int32 lane, 16 lanes
+    at a time. MetaSchedule tensorizes a conv with it only when the weight already has 16 output
+    x 4 input channels innermost (TVM_NOTES 10): the weight is packed to
+    ``[O/16, KH, KW, I/4, 16, 4]`` and the conv is written in TE. Signed int8 activations are
+    shifted to uint8 (+128), padded with the shifted zero (128), and ``128 * sum(w[o])`` is
+    subtracted from the accumulator (it fuses into the requantize epilogue).
+
+    Only convs with groups 1, dilation 1, ``O % 16 == 0`` and ``I % 4 == 0`` are packed (the
+    first conv of an RGB network has 3 input channels and stays a plain int8 conv).
+
+    Returns:
+        ``(module, number of packed convs)``.
+    """
+    import tvm
+    from tvm import relax, te, topi
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    def conv_packed(padded, wpk, *, stride, kernel, out_channels):
+        n, h, w, c = (int(d) for d in padded.shape)
+        (sh, sw), (kh, kw) = stride, kernel
+        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+        ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, c), "rc")
+        return te.compute(
+            (n, oh, ow, out_channels),
+            lambda b, y, x, o: te.sum(
+                padded[b, y * sh + ry, x * sw + rx, rc].astype("int32")
+                * wpk[o // 16, ry, rx, rc // 4, o % 16, rc % 4].astype("int32"), axis=[ry, rx, rc]),
+            name=VNNI_BLOCK)
+
+    packed = 0
+
+    @mutator
+    class _Packer(PyExprMutator):
+        def visit_call_(self, call):
+            nonlocal packed
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+                return call
+            attrs, (x, w_expr) = call.attrs, call.args
+            if isinstance(w_expr, relax.Var):
+                w_expr = self.lookup_binding(w_expr) or w_expr
+            if not (isinstance(w_expr, tvm.ir.expr.Constant) and hasattr(w_expr.value, "numpy")):
+                return call
+            w = w_expr.value.numpy()
+            if (str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "OHWI"
+                    or str(attrs.out_dtype) != "int32" or w.dtype != np.int8 or int(attrs.groups) != 1
+                    or any(int(d) != 1 for d in attrs.dilation) or x.ty.dtype not in ("uint8", "int8")
+                    or str(attrs.out_layout) not in ("NHWC", "")):
+                return call
+            o, kh, kw, i = w.shape
+            if o % 16 or i % 4:
+                return call
+            wpk = np.ascontiguousarray(w.reshape(o // 16, 16, kh, kw, i // 4, 4).transpose(0, 2, 3, 4, 1, 5))
+            signed = x.ty.dtype == "int8"
+            if signed:  # to uint8: x + 128, exact in int32 then narrowed
+                x = self.builder_.emit(relax.op.astype(relax.op.add(relax.op.astype(x, "int32"),
+                                                                    relax.const(128, "int32")), "uint8"))
+            pt, pl, pb, pr = (int(p) for p in attrs.padding)
+            if pt or pl or pb or pr:
+                # padding as its own (injective) op: it fuses into the producer's epilogue, and the
+                # conv stays a pure reduction that FuseOps fuses with its requantize epilogue
+                x = self.builder_.emit_te(topi.nn.pad, x, [0, pt, pl, 0], [0, pb, pr, 0],
+                                          pad_value=128 if signed else 0, primfunc_name_hint="pad_vnni")
+            # call_te, not emit_te: returning a bound Var would leave an alias binding that stops
+            # FuseOps from fusing the conv with its requantize epilogue
+            acc = self.builder_.call_te(
+                conv_packed, x, relax.const(wpk), stride=tuple(int(s) for s in attrs.strides), kernel=(kh, kw),
+                out_channels=o, primfunc_name_hint="conv2d_vnni")
+            packed += 1
+            if signed:
+                correction = (128 * w.astype(np.int32).reshape(o, -1).sum(axis=1)).astype(np.int32)
+                return relax.op.subtract(self.builder_.emit(acc), relax.const(correction))
+            return acc
+
+    packer = _Packer(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            packer.builder_.update_func(gv, packer.visit_expr(func))
+    out = packer.builder_.get()
+    return relax.transform.DeadCodeElimination()(out), packed
+
+
+def strip_layout_free(mod: Any) -> Any:
+    """Drop ``layout_free_buffers`` from PrimFuncs holding a packed VNNI conv.
+
+    Their weight is already in its final layout, and MetaSchedule's weight-layout rewrite on
+    them crashes tuning in ``RemoveWeightLayoutRewriteBlock`` (TVM_NOTES 10).
+    """
+    import tvm
+
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "layout_free_buffers" in func.attrs \
+                and VNNI_BLOCK in func.script():
+            mod[gv] = func.without_attr("layout_free_buffers")
+    return mod
+
+
+def register_vnni_intrinsic() -> None:
+    """Make MetaSchedule's ``dot_16x4_vnni`` build with the bundled LLVM 22.
+
+    TVM 0.27 passes ``<16 x i32>`` operands to ``llvm.x86.avx512.vpdpbusd.512``; LLVM 22 wants
+    ``<64 x i8>``, so every VNNI candidate fails LLVM verification and tuning silently keeps
+    plain code (TVM_NOTES 10). Importing the intrinsic package costs seconds (it registers the
+    CUDA ones too), so this runs only when int8 kernels are tuned.
+    """
+    global _VNNI_REGISTERED
+    if _VNNI_REGISTERED:
+        return
+    import tvm.s_tir.tensor_intrin  # noqa: F401 - registers the stock intrinsics first
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def vnni_impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+                  C: T.Buffer((16,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                              dtype="uint8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"), a, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+
+    TensorIntrin.register("dot_16x4_vnni", dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
+    _VNNI_REGISTERED = True
+
+
+_VNNI_REGISTERED = False

@@ -47,7 +47,7 @@ class ConvDense(nn.Module):
         self.fc = nn.Linear(16 * 4 * 4, 10)
 
     def forward(self, x):
-        x = torch.relu(self.bn(self.c1(x)))
+        x = self.bn(self.c1(x))  # signed input to c2: the VNNI conv shifts it to uint8 and corrects
         return self.fc(torch.relu(self.c2(x)).flatten(1))
 
 
@@ -86,7 +86,8 @@ def test_ops_precision_and_quantization_report(conv_dense):
     assert rep["ops_precision"]["int8"] == {"conv2d": 2, "matmul": 1}
     q = rep["quantization"]
     assert q["integer"] and q["batches"] == 8 and q["samples"] == 16 and q["source"] == "calibration"
-    assert [layer["act_dtype"] for layer in q["layers"]] == ["int8", "uint8", "uint8"]  # after ReLU: unsigned
+    assert [layer["act_dtype"] for layer in q["layers"]] == ["int8", "int8", "uint8"]  # after ReLU: unsigned
+    assert q["vnni_packed_convs"] == (1 if omnic.targets.get_device("host").int_dot_product == "vnni" else 0)
     acc = q["accuracy"]
     assert acc["samples"] == 16 and acc["max_rel_error"] < 0.05 and acc["top1_agreement"] >= 0.75
     assert simulated.report["quantization"]["integer"] is False
@@ -110,6 +111,11 @@ def test_integer_kernels_are_int8_times_int8_into_int32(conv_dense):
     kernels = integer_kernels(integer)
     assert any("conv2d" in k for k in kernels) and any("matmul" in k for k in kernels), kernels
     assert not integer_kernels(simulated)
+    if omnic.targets.get_device("host").int_dot_product == "vnni":
+        # the packed conv reads uint8 data and a weight with 16 outputs x 4 inputs innermost
+        packed = [f.script() for _, f in integer.module.functions_items()
+                  if isinstance(f, tvm.tirx.PrimFunc) and quantize.VNNI_BLOCK in f.script()]
+        assert packed and re.search(r'\(16\)?, (T\.int64\()?4\)?\), "int8"', packed[0]) and '"uint8"' in packed[0]
     ll = integer.executable.mod.imports[0].inspect_source("ll")
     assert re.search(r"[sz]ext <\d+ x i8> .* to <\d+ x i32>", ll)  # widening 8-bit loads in the kernels
 
