@@ -1,31 +1,648 @@
-"""MetaSchedule tuning with a persistent per-device database (filled in by the tuning issue)."""
+"""MetaSchedule tuning with a persistent, shared database per device, target and precision.
+
+How a compile uses it (``engine.compile`` -> :func:`database_for`):
+
+1. The tuning tasks are extracted from the *prepared* module (fused, layout-free weights), which
+   is exactly what ``compiler.build`` applies the database to; a workload tuned on anything else
+   would never match (TVM_NOTES 9.7.3).
+2. One ``JSONDatabase`` per device/target/precision lives under ``<cache>/tuning/<tag>/``. It is
+   shared by every model: workloads are keyed by the structure of the fused PrimFunc (shapes
+   included, weights not), so a second compile of a model tunes nothing and a model sharing layers
+   with an earlier one tunes only its new tasks.
+3. Tasks are tuned one at a time, heaviest first (FLOPs x occurrences), each with its share of
+   the trial budget, until the trial budget or the time budget (``Deployment.tuning_time_s``) is
+   spent. Tuning task by task (instead of one MetaSchedule job over all tasks) makes records reach
+   the disk after every batch: MetaSchedule's gradient scheduler commits nothing until every task
+   has had its first batch (minutes for a real network).
+
+Interrupted runs (``kill -9`` included): ``JSONDatabase`` appends each record as it commits, so
+every finished batch survives. A small ledger next to the database (``omnic_tasks.json``, written
+after every batch) says how many trials each workload got and whether its tuning finished.
+On the next run a finished task counts as done; an unfinished one gets only the trials it still
+lacks (its earlier records seed the evolutionary search, so the search resumes rather than
+restarts). A workload that has records but no ledger entry (a database copied from elsewhere)
+counts as done.
+
+Per-trial cost is kept low as measured in TVM_NOTES 3 and 9.3: a builder without MetaSchedule's
+per-batch process pool (in-process by default, or a persistent pool), ``fast_build`` (no tensor
+intrinsics import), a smaller evolutionary population, and an XGBoost warm-up scaled to the budget.
+"""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 from omnic.cache import cache_root
 from omnic.deployment import Deployment
+from omnic.errors import OmnicError
+
+LEDGER = "omnic_tasks.json"
+LEDGER_VERSION = 1
 
 
-def database_dir(deployment: Deployment, target: Any) -> Any:
-    import re
+class TuningError(OmnicError):
+    """Tuning could not run (bad configuration, a database that cannot be read)."""
 
-    from tvm_ffi import structural_hash  # noqa: F401  (keeps the import cost in one place)
 
+@dataclass(frozen=True, kw_only=True)
+class TuningConfig:
+    """How MetaSchedule searches (the budget itself comes from the :class:`Deployment`).
+
+    Attributes:
+        trials_per_iter: Candidates built and measured per batch.
+        population_size: Evolutionary search population (MetaSchedule's default 512 costs about
+            20 s of search per batch on 2 cores; 256 finds the same kernels, TVM_NOTES 9.3).
+        genetic_num_iters: Genetic iterations per batch (default 4 in MetaSchedule).
+        warmup_samples: Measured samples before XGBoost predictions are used (before that the
+            search is random). None: an eighth of the planned trials, between 16 and 100, because
+            MetaSchedule's fixed 100 makes small budgets pure random search.
+        builder: ``"inproc"`` (serial builds in this process: no worker start-up, best for small
+            jobs), ``"pool"`` (a persistent process pool, parallel builds) or ``"local"``
+            (MetaSchedule's LocalBuilder with ``fast_build``; a new pool per batch).
+        builder_workers: Processes of the ``"pool"``/``"local"`` builders.
+        number: Runs per measurement of a candidate.
+        min_repeat_ms: Minimum duration of one measurement (swamps timer noise on tiny kernels).
+        skip_prefixes: Task names that are not worth a trial (pure data movement with no loops to
+            schedule). They stay untuned and are reported as skipped.
+        seconds_per_trial: Estimated cost of one trial, used to turn a time-only budget into trials.
+        cost_model: ``"xgb"`` (MetaSchedule's XGBoost model, retrained after every batch) or
+            ``"random"`` (no model: saves the seconds of retraining per batch when the budget is
+            so small that XGBoost never leaves its warm-up anyway).
+        seed: Random seed of the search.
+    """
+
+    trials_per_iter: int = 16
+    population_size: int = 256
+    genetic_num_iters: int = 2
+    warmup_samples: int | None = None
+    builder: str = "inproc"
+    builder_workers: int = 2
+    number: int = 3
+    min_repeat_ms: float = 40.0
+    skip_prefixes: tuple[str, ...] = ("reshape",)
+    seconds_per_trial: float = 0.6
+    cost_model: str = "xgb"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.builder not in ("inproc", "pool", "local"):
+            raise TuningError(f"TuningConfig.builder must be 'inproc', 'pool' or 'local', got {self.builder!r}")
+        if self.cost_model not in ("xgb", "random"):
+            raise TuningError(f"TuningConfig.cost_model must be 'xgb' or 'random', got {self.cost_model!r}")
+        if self.trials_per_iter <= 0 or self.population_size <= 0 or self.genetic_num_iters < 0:
+            raise TuningError("TuningConfig: trials_per_iter and population_size must be > 0, "
+                              "genetic_num_iters >= 0")
+
+
+@dataclass(kw_only=True)
+class _Task:
+    """One extracted task and its place in the plan."""
+
+    name: str
+    key: str  # structural hash of the workload (the database's key)
+    weight: int
+    flops: float
+    extracted: Any
+    status: str = "new"  # new | partial | done | skipped
+    trials_before: int = 0
+    allotted: int = 0
+    trials_run: int = 0
+    best_ms: float | None = None
+    complete: bool = False
+
+    @property
+    def heaviness(self) -> float:
+        return self.flops * self.weight
+
+
+@dataclass
+class _Progress:
+    """State the measure callback shares with the tuning loop."""
+
+    bar: Any
+    ledger: dict[str, Any]
+    ledger_path: Path
+    deadline: float | None
+    task: _Task | None = None
+    trials: int = 0
+    stopped_by_time: bool = False
+    total_ms: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- database location
+def database_dir(deployment: Deployment, target: Any) -> Path:
+    """``<cache>/tuning/<device>-<kind>-<mcpu>-<threads>-<precision>``.
+
+    The thread count is part of the key because kernels tuned for 2 threads are not the best
+    for 4 (MetaSchedule reads ``num-cores`` from the target).
+    """
     kind = str(target.kind.name)
-    mcpu = str(target.attrs.get("mcpu", "")) if hasattr(target, "attrs") else ""
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{deployment.device}-{kind}-{mcpu}-{deployment.precision}")
-    path = cache_root() / "tuning" / tag
-    return path
+    attrs = target.attrs if hasattr(target, "attrs") else {}
+    mcpu = str(attrs.get("mcpu", "")) if "mcpu" in attrs else ""
+    arch = str(attrs.get("arch", "")) if "arch" in attrs else ""
+    cores = str(attrs.get("num-cores", "")) if "num-cores" in attrs else ""
+    parts = [deployment.device, kind, mcpu or arch, f"c{cores}" if cores else "", deployment.precision]
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p))
+    return cache_root() / "tuning" / tag
 
 
-def database_for(prepared: Any, deployment: Deployment, target: Any, *, progress: bool = True
-                 ) -> tuple[Any, dict[str, Any]]:
-    """The device's persistent database, if it exists, and a report of tuning done (none yet)."""
-    path = database_dir(deployment, target)
-    report = {"trials": 0, "tasks": 0, "new_tasks": 0, "database": str(path)}
-    if not (path / "database_workload.json").exists():
-        return None, report
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise tuning into one database across processes (the second waits, then reuses).
+
+    ``flock`` is released by the kernel when a holder dies, so a killed tuner never blocks.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _repair_jsonl(path: Path) -> int:
+    """Drop a torn last line (a process killed while appending); returns lines dropped."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if not data:
+        return 0
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline, else a torn record
+    dropped, rewrite = 0, bool(tail.strip())
+    if rewrite:
+        try:
+            json.loads(tail)
+            lines.append(tail)  # whole record, only its newline is missing
+        except ValueError:
+            dropped = 1
+    # a complete-looking last line may still be cut mid-record; drop lines that do not parse
+    while lines and lines[-1].strip():
+        try:
+            json.loads(lines[-1])
+            break
+        except ValueError:
+            lines.pop()
+            dropped += 1
+    if dropped or rewrite:
+        path.write_bytes(b"\n".join(lines) + (b"\n" if lines else b""))
+    return dropped
+
+
+def open_database(path: Path, *, create: bool = True):
+    """The ``JSONDatabase`` in ``path`` (repaired if a killed writer left a torn line)."""
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.database.JSONDatabase(work_dir=str(path), allow_missing=False), report
+    workloads, records = path / "database_workload.json", path / "database_tuning_record.json"
+    if not create and not workloads.exists():
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    for p in (workloads, records):
+        _repair_jsonl(p)
+    try:
+        return ms.database.JSONDatabase(path_workload=str(workloads), path_tuning_record=str(records),
+                                        allow_missing=True)
+    except Exception as exc:  # noqa: BLE001 - TVM raises plain errors on unreadable files
+        raise TuningError(f"cannot read the tuning database in {path}: {type(exc).__name__}: {exc}\n"
+                          f"  fix: move the folder away (tuning starts afresh)") from exc
+
+
+def _read_ledger(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") == LEDGER_VERSION:
+            return data
+    except (OSError, ValueError):
+        pass
+    return {"version": LEDGER_VERSION, "tasks": {}}
+
+
+def _write_ledger(path: Path, ledger: dict[str, Any]) -> None:
+    # write-then-rename: a kill leaves the old or the new ledger, never half of one
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- builders
+def fast_build(mod: Any, target: Any, _params: Any = None) -> Any:
+    """MetaSchedule's default build minus ``import tvm.s_tir.tensor_intrin`` (17 s per worker).
+
+    Fine for fp32/fp16 kernels; schedule rules with tensor intrinsics would need the default.
+    """
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _light_tensor_intrinsics(target: Any) -> None:
+    """Register only the tensor intrinsics of ``target``'s family before MetaSchedule needs them.
+
+    ``TuneContext`` runs ``import tvm.s_tir.tensor_intrin``, which parses every intrinsic of every
+    backend with TVMScript; each parse walks ``inspect.stack()``, whose cost grows with
+    ``sys.modules`` (torch brings thousands). Measured here: 126 s for the whole package vs 0.6 s
+    for the x86 module alone. An empty package object with the real ``__path__`` makes the
+    package import a no-op while ``import tvm.s_tir.tensor_intrin.<family>`` keeps working, so
+    code that needs another family can still import it explicitly.
+    """
+    import importlib
+    import importlib.util
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.submodule_search_locations is None:
+            return
+        pkg = types.ModuleType(name, "Tensor intrinsics (loaded per target family by omnic.tuning).")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__, pkg.__file__, pkg.__package__ = spec, spec.origin, name
+        sys.modules[name] = pkg
+        import tvm.s_tir as s_tir
+
+        s_tir.tensor_intrin = pkg
+    kind = str(target.kind.name)
+    attrs = target.attrs
+    triple = str(attrs["mtriple"]) if "mtriple" in attrs else ""
+    if kind == "llvm":
+        families = ["arm_cpu"] if triple.startswith(("aarch64", "arm")) else \
+            ["riscv_cpu"] if triple.startswith("riscv") else ["x86"]
+    else:
+        families = {"cuda": ["cuda"], "rocm": ["rocm"], "metal": ["metal"], "hexagon": ["hexagon"]}.get(kind, [])
+    for family in families:
+        try:
+            importlib.import_module(f"{name}.{family}")
+        except Exception:  # noqa: BLE001 - a missing family only disables tensorized rules
+            pass
+
+
+def _make_builder(config: TuningConfig) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    if config.builder == "local":
+        return ms.builder.LocalBuilder(max_workers=config.builder_workers, f_build=fast_build)
+
+    if config.builder == "inproc":
+        @derived_object
+        class InProcBuilder(ms.builder.PyBuilder):
+            """Serial builds in the tuning process: no pool, so no 3 s ``import tvm`` per worker."""
+
+            def build(self, build_inputs):
+                from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+
+                out = []
+                for bi in build_inputs:
+                    try:
+                        out.append(ms.builder.BuilderResult(default_export(fast_build(bi.mod, bi.target)), None))
+                    except Exception as exc:  # noqa: BLE001 - a failed candidate is data, not a crash
+                        out.append(ms.builder.BuilderResult(None, f"{type(exc).__name__}: {exc}"))
+                return out
+
+        return InProcBuilder()
+
+    workers = config.builder_workers
+
+    @derived_object
+    class PoolBuilder(ms.builder.PyBuilder):
+        """A persistent process pool (LocalBuilder starts one per batch), recycled every 25
+        batches because long-lived TVM workers leak slowly."""
+
+        def __init__(self):
+            super().__init__()
+            self.pool, self.batches = None, 0
+
+        def build(self, build_inputs):
+            from tvm.s_tir.meta_schedule.builder import local_builder as lb
+            from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+            if self.pool is None or self.batches >= 25:
+                if self.pool is not None:
+                    self.pool.shutdown()
+                self.pool, self.batches = PopenPoolExecutor(max_workers=workers, timeout=60.0), 0
+            self.batches += 1
+            out = []
+            args = [(fast_build, None, bi.mod, bi.target, None) for bi in build_inputs]
+            for r in self.pool.map_with_error_catching(lambda a: lb._worker_func(*a), args):
+                if r.status == StatusKind.COMPLETE:
+                    out.append(ms.builder.BuilderResult(r.value, None))
+                else:
+                    out.append(ms.builder.BuilderResult(None, f"PoolBuilder: {r.status}: {r.value}"))
+            return out
+
+    return PoolBuilder()
+
+
+def _make_runner(deployment: Deployment, config: TuningConfig, runner: Any) -> Any:
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=config.number, repeat=1, min_repeat_ms=int(config.min_repeat_ms),
+                                          enable_cpu_cache_flush=False)
+    if runner is not None:
+        return runner
+    if deployment.is_remote:
+        from omnic.rpc import make_rpc_runner  # lazy: RPC is only needed for remote devices
+
+        return make_rpc_runner(deployment, evaluator)
+    return ms.runner.LocalRunner(evaluator_config=evaluator)
+
+
+# ------------------------------------------------------------------------------ measure callback
+def _make_callback(state: _Progress) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class OmnicProgress(ms.measure_callback.PyMeasureCallback):
+        """Counts trials, tracks the best latency, writes the ledger and enforces the deadline.
+
+        Runs after MetaSchedule's own callbacks, so the batch's records are already on disk when
+        the ledger says they exist.
+        """
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            task = state.task
+            n = len(runner_results)
+            state.trials += n
+            if task is not None:
+                task.trials_run += n
+                for rr in runner_results:
+                    secs = [float(s) for s in (rr.run_secs or [])]
+                    if rr.error_msg is None and secs and max(secs) < 1e9:
+                        ms_ = 1e3 * sum(secs) / len(secs)
+                        task.best_ms = ms_ if task.best_ms is None else min(task.best_ms, ms_)
+                entry = state.ledger["tasks"].setdefault(task.key, {"name": task.name, "trials": 0,
+                                                                    "complete": False})
+                entry["trials"] = task.trials_before + task.trials_run
+                entry["best_ms"] = task.best_ms
+                _write_ledger(state.ledger_path, state.ledger)
+                if task.best_ms is not None:
+                    state.total_ms[task.key] = task.best_ms * task.weight
+            if state.bar is not None:
+                state.bar.update(n)
+                best = "-" if task is None or task.best_ms is None else f"{task.best_ms:.4f}ms"
+                state.bar.set_postfix_str(
+                    f"{task.name if task else ''} best {best} | model est {sum(state.total_ms.values()):.3f}ms",
+                    refresh=False)
+            if state.deadline is not None and time.monotonic() >= state.deadline:
+                state.stopped_by_time = True
+                task_scheduler.terminate_task(task_id)
+
+    return OmnicProgress()
+
+
+# ----------------------------------------------------------------------------------- the planner
+def _extract(prepared: Any, target: Any, config: TuningConfig) -> list[_Task]:
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    tasks = []
+    for t in ms.relax_integration.extract_tasks(prepared, target):
+        mod = t.dispatched[0]
+        try:
+            flops = float(estimate_tir_flops(mod))
+        except Exception:  # noqa: BLE001 - data movement without arithmetic
+            flops = 0.0
+        task = _Task(name=t.task_name, key=str(tvm_ffi.structural_hash(mod)), weight=int(t.weight),
+                     flops=flops, extracted=t)
+        if any(task.name.startswith(p) for p in config.skip_prefixes):
+            task.status = "skipped"
+        tasks.append(task)
+    # heaviest first; ties (zero-FLOP data movement) by name, for a stable order
+    tasks.sort(key=lambda t: (-t.heaviness, t.name))
+    return tasks
+
+
+def _classify(tasks: Sequence[_Task], db: Any, ledger: dict[str, Any]) -> None:
+    for task in tasks:
+        if task.status == "skipped":
+            continue
+        entry = ledger["tasks"].get(task.key)
+        if entry is not None:
+            task.trials_before = int(entry.get("trials", 0))
+            task.best_ms = entry.get("best_ms")
+            task.status = "done" if entry.get("complete") else ("partial" if task.trials_before else "new")
+            continue
+        mod = task.extracted.dispatched[0]
+        # has_workload alone is not enough: MetaSchedule commits the workload when a task *starts*
+        if db.has_workload(mod) and len(db.get_top_k(db.commit_workload(mod), 1)) > 0:
+            task.status = "done"
+
+
+def _plan(tasks: Sequence[_Task], trials: int, config: TuningConfig) -> None:
+    """Give each task its share of ``trials`` (in whole batches), heaviest tasks first.
+
+    The share is what a task gets in total, across runs; a partial task gets what it lacks. When
+    the budget is smaller than one batch per task, the heaviest tasks get a batch each and the
+    rest stay untuned (and are tuned by a later compile with budget left).
+    """
+    todo = [t for t in tasks if t.status in ("new", "partial")]
+    if not todo or trials <= 0:
+        return
+    per_iter = config.trials_per_iter
+    share = max(per_iter, per_iter * round(trials / len(todo) / per_iter)) if trials >= per_iter * len(todo) \
+        else per_iter
+    budget = trials
+    for task in todo:
+        need = max(0, share - task.trials_before) if task.status == "partial" else share
+        need = min(need, budget)
+        task.allotted = need
+        budget -= need
+        if budget <= 0:
+            break
+
+
+def _warmup(config: TuningConfig, planned: int) -> int:
+    if config.warmup_samples is not None:
+        return config.warmup_samples
+    return int(min(100, max(16, planned // 8)))
+
+
+def _model_estimate_ms(tasks: Sequence[_Task]) -> float | None:
+    known = [t.best_ms * t.weight for t in tasks if t.best_ms is not None]
+    return round(sum(known), 6) if known else None
+
+
+def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | None = None,
+         time_budget_s: float | None = None, config: TuningConfig | None = None, runner: Any = None,
+         progress: bool = True, database_path: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """Tune the new tasks of ``prepared`` into the device's persistent database.
+
+    Args:
+        prepared: The module from ``compiler.prepare`` (fused, layout-free attributes).
+        deployment: Supplies the device, precision and (unless overridden) the budgets.
+        target: The TVM target the module is built for (must carry ``num-cores`` on CPUs).
+        trials: Trial budget for this run (default ``deployment.tuning_trials``). With 0 and a
+            time budget, the trials are estimated from the time budget.
+        time_budget_s: Wall-clock budget (default ``deployment.tuning_time_s``); tuning stops at
+            the first batch that ends after it.
+        config: Search settings.
+        runner: A MetaSchedule runner to measure candidates with (default: local, or the RPC
+            runner of a remote deployment).
+        progress: Show a tqdm bar (tasks, trials, best latency so far).
+        database_path: Database folder (default :func:`database_dir`).
+
+    Returns:
+        ``(database, report)``; ``report`` has ``tasks`` (extracted), ``tasks_in_database``,
+        ``new_tasks`` (needing trials), ``tasks_tuned``, ``trials``, ``wall_s``, and more.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    config = config or TuningConfig()
+    trials = deployment.tuning_trials if trials is None else int(trials)
+    time_budget_s = deployment.tuning_time_s if time_budget_s is None else time_budget_s
+    if trials < 0 or (time_budget_s is not None and time_budget_s < 0):
+        raise TuningError(f"tuning budgets must be >= 0, got trials={trials}, time_budget_s={time_budget_s}")
+    t0 = time.monotonic()
+    path = Path(database_path) if database_path is not None else database_dir(deployment, target)
+    if trials == 0 and time_budget_s:
+        trials = max(config.trials_per_iter, int(time_budget_s / config.seconds_per_trial))
+    if deployment.spec.kind == "cpu" and not deployment.is_remote and "num-cores" in target.attrs:
+        # the runner's worker process inherits this; unset, TVM times candidates on cores/2 threads
+        os.environ.setdefault("TVM_NUM_THREADS", str(int(target.attrs["num-cores"])))
+
+    # MetaSchedule logs every trial to stdout; keep its console quiet (the tqdm bar says what
+    # matters) while its per-task log files under <database>/logs keep the details
+    import logging
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(logging.WARNING)
+    # MetaSchedule rebuilds its logging config from the names of the logger's handlers on every
+    # run and crashes on an unnamed one (pytest and some notebooks add such handlers)
+    for handler in list(ms_logger.handlers):
+        if handler.get_name() is None:
+            ms_logger.removeHandler(handler)
+    with _locked(path):
+        _light_tensor_intrinsics(target)
+        db = open_database(path)
+        ledger_path = path / LEDGER
+        ledger = _read_ledger(ledger_path)
+        tasks = _extract(prepared, target, config)
+        _classify(tasks, db, ledger)
+        _plan(tasks, trials, config)
+        report: dict[str, Any] = {
+            "database": str(path),
+            "tasks": len(tasks),
+            "tasks_in_database": sum(t.status == "done" for t in tasks),
+            "new_tasks": sum(t.status in ("new", "partial") for t in tasks),
+            "resumed_tasks": sum(t.status == "partial" and t.allotted > 0 for t in tasks),
+            "skipped_tasks": [t.name for t in tasks if t.status == "skipped"],
+            "budget": {"trials": trials, "time_s": time_budget_s},
+        }
+        planned = [t for t in tasks if t.allotted > 0]
+        state = _Progress(bar=None, ledger=ledger, ledger_path=ledger_path,
+                          deadline=None if not time_budget_s else t0 + float(time_budget_s))
+        if planned:
+            runner_obj = _make_runner(deployment, config, runner)
+            builder = _make_builder(config)
+            total = sum(t.allotted for t in planned)
+            # one model for all tasks of the run: what it learns on one conv carries to the next
+            cost_model = ms.cost_model.XGBModel(num_warmup_samples=_warmup(config, total)) \
+                if config.cost_model == "xgb" else ms.cost_model.RandomModel()
+            callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_callback(state)]
+            if progress:
+                from tqdm.auto import tqdm
+
+                state.bar = tqdm(total=total, unit="trial", desc=f"tuning {len(planned)} task(s)",
+                                 file=sys.stderr, dynamic_ncols=True)
+            strategy = ms.search_strategy.EvolutionarySearch(population_size=config.population_size,
+                                                             genetic_num_iters=config.genetic_num_iters)
+            try:
+                for i, task in enumerate(planned):
+                    # the heaviest task always gets its first batch, so that even a budget
+                    # shorter than one batch makes progress across repeated compiles
+                    if i > 0 and state.deadline is not None and time.monotonic() >= state.deadline:
+                        state.stopped_by_time = True
+                        break
+                    state.task = task
+                    if state.bar is not None:
+                        state.bar.set_description(f"task {i + 1}/{len(planned)} {task.name}", refresh=True)
+                    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                        [task.extracted], work_dir=str(path), strategy=strategy, seed=config.seed)
+                    ms.tune.tune_tasks(
+                        tasks=ctxs, task_weights=weights, work_dir=str(path), max_trials_global=task.allotted,
+                        max_trials_per_task=task.allotted,
+                        num_trials_per_iter=min(config.trials_per_iter, task.allotted),
+                        builder=builder, runner=runner_obj, database=db, cost_model=cost_model,
+                        measure_callbacks=callbacks, task_scheduler="round-robin")
+                    if not state.stopped_by_time:
+                        # finished its allotment (or the search space ran dry): done for good
+                        task.complete = True
+                        entry = ledger["tasks"].setdefault(task.key, {"name": task.name})
+                        entry.update(trials=task.trials_before + task.trials_run, complete=True,
+                                     best_ms=task.best_ms)
+                        _write_ledger(ledger_path, ledger)
+                    if state.stopped_by_time:
+                        break
+            finally:
+                if state.bar is not None:
+                    state.bar.close()
+        report.update({
+            "tasks_tuned": sum(t.trials_run > 0 for t in tasks),
+            "tasks_completed": sum(t.complete for t in tasks),
+            "trials": state.trials,
+            "stopped_by_time": state.stopped_by_time,
+            "wall_s": round(time.monotonic() - t0, 3),
+            "estimated_model_ms": _model_estimate_ms(tasks),
+            "per_task": [{"name": t.name, "weight": t.weight, "flops": t.flops, "status": t.status,
+                          "trials_before": t.trials_before, "trials_run": t.trials_run,
+                          "best_ms": t.best_ms} for t in tasks],
+        })
+        return db, report
+
+
+_DEFAULT_CONFIG: list[TuningConfig] = [TuningConfig()]
+
+
+@contextlib.contextmanager
+def using(config: TuningConfig) -> Iterator[TuningConfig]:
+    """Make ``config`` the search settings of every compile inside the ``with`` block.
+
+    ``engine.compile`` takes its budget from the deployment; this is how callers (tests, the
+    benchmark) change *how* it searches without widening the engine's signature.
+    """
+    _DEFAULT_CONFIG.append(config)
+    try:
+        yield config
+    finally:
+        _DEFAULT_CONFIG.pop()
+
+
+def database_for(prepared: Any, deployment: Deployment, target: Any, *, progress: bool = True,
+                 config: TuningConfig | None = None, runner: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The database ``engine.compile`` applies, after tuning new tasks when the deployment asks.
+
+    Tuning runs when ``deployment.tuning_trials > 0`` or ``deployment.tuning_time_s`` is set.
+    Otherwise the existing database (if any) is applied as is, with no task extraction.
+    GPU devices without a tracker cannot be measured from here: their tuning is skipped (said in
+    the report) and an existing database is still applied.
+
+    Returns:
+        ``(database or None, report)``; the report always has ``trials``, ``tasks``, ``new_tasks``.
+    """
+    path = database_dir(deployment, target)
+    wants = deployment.tuning_trials > 0 or bool(deployment.tuning_time_s)
+    base = {"trials": 0, "tasks": 0, "new_tasks": 0, "database": str(path)}
+    if wants and deployment.spec.kind != "cpu" and not deployment.is_remote and runner is None:
+        db = open_database(path, create=False)
+        return db, {**base, "skipped": f"{deployment.device} is not measurable here; attach it through a "
+                                       "tracker to tune it"}
+    if not wants:
+        if not (path / "database_workload.json").exists():
+            return None, base
+        with _locked(path):
+            return open_database(path, create=False), base
+    return tune(prepared, deployment, target, config=config or _DEFAULT_CONFIG[-1], runner=runner,
+                progress=progress)

@@ -1,0 +1,242 @@
+"""MetaSchedule tuning inside compile: persistent shared database, resume, budgets.
+
+Budgets are tiny (a few trials per task, a small population, no XGBoost retraining) so that the
+file runs in a few minutes on 2 shared cores; what is tested is the machinery, not the search.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from omnic import Deployment, engine, tuning
+from omnic.measure import MeasureConfig
+
+FAST = tuning.TuningConfig(trials_per_iter=4, population_size=24, genetic_num_iters=1, number=2,
+                           min_repeat_ms=5, cost_model="random")
+
+
+class Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.c2(torch.relu(self.bn(self.c1(x))))).mean((2, 3))
+
+
+class NetA(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.body, self.fc = Body(), nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def make(classes=10, seed=0):
+    torch.manual_seed(seed)
+    m = NetA(classes)
+    m.train()
+    with torch.no_grad():  # non-trivial BN statistics, so BN folding is exercised
+        m(torch.randn(4, 3, 32, 32))
+    return m.eval()
+
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tuning-cache")
+    old = os.environ.get("OMNIC_CACHE_DIR")
+    os.environ["OMNIC_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("OMNIC_CACHE_DIR", None)
+    else:
+        os.environ["OMNIC_CACHE_DIR"] = old
+
+
+def compile_(model, trials, **kw):
+    with tuning.using(FAST):
+        return engine.compile(model, Deployment(device="host", tuning_trials=trials, **kw), X, progress=False)
+
+
+def test_tuning_beats_untuned_and_database_is_shared(cache):
+    untuned = compile_(make(), 0)
+    assert untuned.report["tuning"]["trials"] == 0 and untuned.report["kernels_scheduled"] == 0
+
+    tuned = compile_(make(), 20)  # 5 tasks (2 convs, mean, matmul, transpose): a batch each
+    rep = tuned.report["tuning"]
+    assert rep["tasks"] == 5 and rep["new_tasks"] == 5 and rep["tasks_in_database"] == 0
+    assert rep["tasks_tuned"] == 5 and 0 < rep["trials"] <= 20 and rep["wall_s"] > 0
+    # heaviest first: the report lists tasks in tuning order
+    heaviness = [t["flops"] * t["weight"] for t in rep["per_task"]]
+    assert heaviness == sorted(heaviness, reverse=True)
+    assert rep["per_task"][0]["name"].startswith("fused_conv2d")
+    assert tuned.report["kernels_scheduled"] >= 4
+    assert tuned.report["max_rel_error"] <= 1e-4
+
+    config = MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2)
+    t_untuned = untuned.measure(config).median_ms
+    t_tuned = tuned.measure(config).median_ms
+    assert t_tuned < t_untuned, (t_tuned, t_untuned)
+
+    # the same model again (new weights too): everything is in the database, nothing is tuned
+    again = compile_(make(seed=3), 20)
+    rep2 = again.report["tuning"]
+    assert rep2["trials"] == 0 and rep2["new_tasks"] == 0 and rep2["tasks_in_database"] == 5
+    assert again.report["kernels_scheduled"] == tuned.report["kernels_scheduled"]
+    assert again.report["max_rel_error"] <= 1e-4
+
+    # a model sharing its body: only the new head (matmul 32->5) is tuned
+    other = compile_(make(classes=5), 20)
+    rep3 = other.report["tuning"]
+    assert rep3["tasks"] == 5 and rep3["tasks_in_database"] == 4 and rep3["new_tasks"] == 1
+    assert rep3["tasks_tuned"] == 1 and 0 < rep3["trials"] <= 20
+    assert [t["name"] for t in rep3["per_task"] if t["trials_run"]][0].startswith("fused_matmul")
+    assert other.report["max_rel_error"] <= 1e-4
+
+
+def test_time_budget_tunes_heaviest_first_then_stops(fresh_cache):
+    m = make()
+    with tuning.using(FAST):
+        dm = engine.compile(m, Deployment(device="host", tuning_trials=40, tuning_time_s=0.01), X,
+                            progress=False)
+    rep = dm.report["tuning"]
+    assert rep["stopped_by_time"] is True
+    tuned = [t for t in rep["per_task"] if t["trials_run"] > 0]
+    assert len(tuned) == 1 and tuned[0] is rep["per_task"][0]  # the heaviest task, one batch
+    assert dm.report["max_rel_error"] <= 1e-4
+    ledger = json.loads((Path(rep["database"]) / tuning.LEDGER).read_text())
+    assert [e["complete"] for e in ledger["tasks"].values()] == [False]
+
+
+_CHILD = textwrap.dedent("""
+    import os, sys
+    os.environ["OMNIC_CACHE_DIR"] = sys.argv[1]
+    sys.path.insert(0, sys.argv[2])
+    from tests.test_tuning import FAST, X, make
+    from omnic import Deployment, engine, tuning
+    with tuning.using(FAST):
+        engine.compile(make(), Deployment(device="host", tuning_trials=int(sys.argv[3])), X, progress=False)
+    print("FINISHED")
+""")
+
+
+def _records(path: Path) -> int:
+    f = path / "database_tuning_record.json"
+    return len([line for line in f.read_text().splitlines() if line.strip()]) if f.exists() else 0
+
+
+def test_killed_tune_keeps_trials_and_resumes(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    repo = str(Path(__file__).resolve().parents[1])
+    budget = 40  # 8 per task: two batches of 4 each
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(cache_dir), repo, str(budget)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    ledger_file = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            found = list(cache_dir.glob(f"tuning/*/{tuning.LEDGER}"))
+            if found:
+                ledger_file = found[0]
+                tasks = json.loads(ledger_file.read_text())["tasks"]
+                # kill in the middle of the first task (after its first batch, before its second)
+                if any(e.get("trials", 0) >= 4 for e in tasks.values()):
+                    break
+            time.sleep(0.05)
+        assert child.poll() is None, child.stdout.read().decode()[-3000:]
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert ledger_file is not None
+    db_dir = ledger_file.parent
+    kept = _records(db_dir)
+    assert kept >= 4  # every finished batch survived the kill
+    ledger = json.loads(ledger_file.read_text())["tasks"]
+    done_before = sum(e["trials"] for e in ledger.values())
+    assert not all(e.get("complete") for e in ledger.values())
+
+    # a torn last line (kill during an append) must not break the reload
+    with open(db_dir / "database_tuning_record.json", "a") as fh:
+        fh.write('[0, [[[1, 2')
+    monkeypatch.setenv("OMNIC_CACHE_DIR", str(cache_dir))
+    resumed = compile_(make(), budget)
+    rep = resumed.report["tuning"]
+    assert rep["resumed_tasks"] >= 1
+    # only the missing trials are run: at most the budget minus what the killed run finished
+    assert 0 < rep["trials"] <= budget - done_before
+    assert rep["tasks_completed"] == rep["tasks"] - rep["tasks_in_database"]
+    assert _records(db_dir) >= kept + rep["trials"] - 1
+    assert resumed.report["max_rel_error"] <= 1e-4
+    final = compile_(make(), budget).report["tuning"]
+    assert final["trials"] == 0 and final["new_tasks"] == 0
+
+
+def test_torn_database_line_is_repaired(tmp_path):
+    f = tmp_path / "db.json"
+    f.write_text('[0, {"a": 1}]\n[1, {"b": 2}]\n[2, {"c"')
+    assert tuning._repair_jsonl(f) == 1
+    assert f.read_text() == '[0, {"a": 1}]\n[1, {"b": 2}]\n'
+    f.write_text('[0, 1]')  # complete record, newline missing: kept
+    assert tuning._repair_jsonl(f) == 0 and f.read_text() == "[0, 1]\n"
+
+
+def test_config_and_budget_errors_are_typed():
+    with pytest.raises(tuning.TuningError):
+        tuning.TuningConfig(builder="threads")
+    with pytest.raises(tuning.TuningError):
+        tuning.TuningConfig(cost_model="mlp")
+    assert issubclass(tuning.TuningError, __import__("omnic").OmnicError)
+
+
+def test_database_is_per_device_target_and_precision(fresh_cache):
+    host = Deployment(device="host")
+    target = host.spec.tvm_target(num_threads=2)
+    a = tuning.database_dir(host, target)
+    b = tuning.database_dir(Deployment(device="host", precision="fp16"), target)
+    c = tuning.database_dir(host, host.spec.tvm_target(num_threads=1))
+    assert len({a, b, c}) == 3 and a.parent == fresh_cache / "tuning"
+
+
+def test_gpu_device_compiles_with_tuning_requested(fresh_cache):
+    # no GPU here: tuning is skipped with a reason, and the build itself must not break
+    dm = engine.compile(make(), Deployment(device="a100", tuning_trials=8), X, check=False, progress=False)
+    assert "skipped" in dm.report["tuning"] and dm.report["tuning"]["trials"] == 0
+
+
+def test_remote_deployment_uses_the_rpc_runner(monkeypatch, fresh_cache):
+    import omnic.rpc
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(deployment, evaluator_config):
+        calls.append((deployment.device, evaluator_config))
+        raise Stop
+
+    monkeypatch.setattr(omnic.rpc, "make_rpc_runner", fake)
+    d = Deployment(device="host", tracker="127.0.0.1:9", tuning_trials=4)
+    with tuning.using(FAST), pytest.raises(Stop):
+        engine.compile(make(), d, X, check=False, progress=False)
+    assert calls and calls[0][0] == "host" and int(calls[0][1].number) == FAST.number
