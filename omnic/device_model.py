@@ -91,7 +91,7 @@ class DeviceModel:
             if self.deployment.is_remote:
                 from omnic import rpc
 
-                self._runtime = rpc.RemoteRuntime(self.executable, self.deployment)
+                self._runtime = rpc.RemoteRuntime(self.executable, self.deployment, module=self.module)
             elif self.deployment.spec.local:
                 self._runtime = LocalRuntime(self.executable)
             else:

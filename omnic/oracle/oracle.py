@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+import tempfile
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from omnic.cache import cache_root
 from omnic.deployment import Deployment
 from omnic.ir import TracedModel, trace
 from omnic.measure import MeasureConfig, Measurement
 from omnic.oracle.store import LatencyStore, StoreKey
+
+if TYPE_CHECKING:
+    from omnic.rpc_batch import BatchConfig
 
 
 class Oracle:
@@ -20,9 +25,11 @@ class Oracle:
     """
 
     def __init__(self, store: LatencyStore | None = None, config: MeasureConfig | None = None):
-        self.store = store or LatencyStore(cache_root() / "latency.sqlite")
+        # not `store or ...`: an empty store has len() 0 and is falsy
+        self.store = store if store is not None else LatencyStore(cache_root() / "latency.sqlite")
         self.config = config or MeasureConfig()
         self.fresh_measurements = 0
+        self.last_batch_stats: dict[str, Any] = {}  # of the last remote measure_many
 
     def key(self, traced: TracedModel, deployment: Deployment) -> StoreKey:
         context = f"threads={deployment.threads or 'default'};trials={deployment.tuning_trials}"
@@ -54,7 +61,11 @@ class Oracle:
             return cached
         try:
             dm = engine.compile(traced, deployment, check=False, progress=False)
-            measurement = dm.measure(config or self.config)
+            try:
+                measurement = dm.measure(config or self.config)
+            finally:
+                if deployment.is_remote:
+                    dm.runtime.close()  # give the leased server back to the farm now, not at GC
         except Exception as exc:  # noqa: BLE001 - a failed candidate is data
             from omnic.errors import OmnicError
 
@@ -65,6 +76,92 @@ class Oracle:
         self.store.put(key, measurement)
         self.fresh_measurements += 1
         return measurement
+
+    def measure_many(self, models: Sequence[Any], deployment: Any, example_inputs: Any = None, *,
+                     config: MeasureConfig | None = None, batch: "BatchConfig | None" = None,
+                     on_result: Callable[[int, Measurement], None] | None = None) -> list[Measurement]:
+        """Exact latency of many candidates; on a remote deployment, in parallel over the farm.
+
+        With a tracker, every server registered under the deployment's key measures at once (one
+        lease per server at a time) while candidates compile here; each result is stored the moment
+        it arrives. A server killed mid-measurement gets its candidate retried elsewhere (bounded,
+        with backoff); a candidate that runs past ``batch.timeout_s`` is marked failed with the
+        reason; the batch always completes. Stored values are reused, and identical candidates
+        (same structural hash and shapes) are measured once. Without a tracker, the candidates
+        are measured one after the other on this machine.
+
+        Args:
+            models: ``nn.Module``\s, GraphModules or :class:`TracedModel`\s.
+            deployment: ``Deployment`` or the equivalent dict.
+            example_inputs: Inputs for the models that are not traced yet.
+            config: The measurement protocol (default: the oracle's).
+            batch: Timeouts, retries and workers (:class:`omnic.rpc_batch.BatchConfig`).
+            on_result: ``(index, Measurement)`` called as each candidate finishes.
+
+        Returns:
+            One Measurement per model, in order (failed ones have ``error`` set).
+
+        Raises:
+            DeviceUnreachableError: The tracker is unreachable or has no server under the key
+                (raised before anything is measured).
+        """
+        from omnic import engine, rpc
+        from omnic.errors import DeviceUnreachableError
+        from omnic.rpc_batch import BatchConfig, FarmBatch, count_servers
+
+        deployment = Deployment.coerce(deployment)
+        cfg = config or self.config
+        traced = [m if isinstance(m, TracedModel) else trace(m, example_inputs) for m in models]
+        results: list[Measurement | None] = [None] * len(traced)
+        groups: dict[StoreKey, list[int]] = {}
+        for i, t in enumerate(traced):
+            key = self.key(t, deployment)
+            cached = self.store.get(key)
+            if cached is not None and cached.ok:
+                results[i] = cached
+                if on_result is not None:
+                    on_result(i, cached)
+            else:
+                groups.setdefault(key, []).append(i)
+        if not groups:
+            return results  # type: ignore[return-value]
+        if not deployment.is_remote:
+            for indices in groups.values():
+                m = self.measure(traced[indices[0]], deployment, config=cfg)
+                for i in indices:
+                    results[i] = m
+                    if on_result is not None:
+                        on_result(i, m)
+            return results  # type: ignore[return-value]
+
+        batch = batch or BatchConfig()
+        servers = count_servers(deployment, batch)
+        if servers == 0:
+            raise DeviceUnreachableError(
+                f"no server is registered under key {deployment.rpc_key!r} at tracker {deployment.tracker}; "
+                f"start one with `omnic serve --tracker {deployment.tracker} --key {deployment.rpc_key}`")
+        todo = list(groups.items())
+        lock = threading.Lock()
+        with tempfile.TemporaryDirectory(prefix="omnic-batch-") as tmp:
+            def prepare(j: int):
+                dm = engine.compile(traced[todo[j][1][0]], deployment, check=False, progress=False)
+                return rpc.export_for_upload(dm.executable, deployment, tmp), dm.input_shapes, dm.input_dtypes
+
+            def store(j: int, m: Measurement, extra: dict[str, Any]) -> None:
+                key, indices = todo[j]
+                self.store.put(key, m, extra)  # at once: a later fault cannot lose it
+                with lock:
+                    self.fresh_measurements += 1
+                    for i in indices:
+                        results[i] = m
+                if on_result is not None:
+                    for i in indices:
+                        on_result(i, m)
+
+            run = FarmBatch(deployment, len(todo), prepare=prepare, on_result=store, config=cfg, batch=batch)
+            run.run(min(batch.workers or servers, len(todo)))
+        self.last_batch_stats = dict(run.stats, servers=servers)
+        return results  # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=None)
