@@ -270,6 +270,13 @@ def kernel_features(prepared: Any) -> list[dict[str, Any]]:
     return out
 
 
+def is_view(kernel: dict[str, Any]) -> bool:
+    """A kernel made only of reshapes: the VM runs it as ``vm.builtin.reshape`` (a view), not a call."""
+    f = kernel["features"]
+    return f.get("tok_reshape", 0) > 0 and f.get("tok_other", 0) == 0 and all(
+        v == 0 for k, v in f.items() if k.startswith("tok_") and k != "tok_reshape")
+
+
 def _matrix(kernels: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.array([[float(k["features"].get(f, np.nan)) for f in FEATURES] for k in kernels], dtype=np.float32)
 
@@ -396,7 +403,8 @@ def _prepare(traced: Any, deployment: Any):
     return compiler.prepare(compiler.lower(traced), spec, target, deployment.precision), spec, target
 
 
-def collect_sample(variant: Variant, deployment: Any = "host", *, runs: int = 15) -> dict[str, Any]:
+def collect_sample(variant: Variant, deployment: Any = "host", *, runs: int = 15,
+                   config: Any = None) -> dict[str, Any]:
     """Compile a variant untuned, measure it end to end and per kernel.
 
     End to end: the standard protocol (:func:`omnic.measure.time_vm`), ``e2e_ms``; it is run a
@@ -404,6 +412,13 @@ def collect_sample(variant: Variant, deployment: Any = "host", *, runs: int = 15
     of both. Per kernel: the VM instrument hook, the fastest of ``runs`` runs, minus the hook's
     own cost per call, estimated as the cheapest per-call time of a VM builtin (e.g.
     ``null_value``), which does no work.
+
+    Args:
+        variant: The architecture to measure.
+        deployment: A local deployment (device, precision, threads).
+        runs: Instrumented runs per kernel measurement.
+        config: End-to-end protocol (default :class:`omnic.measure.MeasureConfig()`, the
+            oracle's); tests pass a cheaper one.
 
     Returns:
         A JSON-friendly sample (see :func:`load_samples`).
@@ -429,11 +444,12 @@ def collect_sample(variant: Variant, deployment: Any = "host", *, runs: int = 15
     arrays = [rng.standard_normal(tuple(t.shape)).astype("float32") for t in traced.example_inputs]
     inputs = [runtime.to_device(a) for a in arrays]
     t2 = time.perf_counter()
-    e2e = time_vm(runtime.vm, runtime.dev, inputs, MeasureConfig(), device_name=deployment.device)
+    config = config or MeasureConfig()
+    e2e = time_vm(runtime.vm, runtime.dev, inputs, config, device_name=deployment.device)
     rows = _kernel_times(runtime.vm, inputs, runs=runs)
     # a second end-to-end measurement after the kernel runs: on a shared machine another
     # process may have stolen the cores during the first one; both are kept
-    e2e_again = time_vm(runtime.vm, runtime.dev, inputs, MeasureConfig(), device_name=deployment.device)
+    e2e_again = time_vm(runtime.vm, runtime.dev, inputs, config, device_name=deployment.device)
     builtin_per_call = [r["min_ms"] / r["calls"] for r in rows.values() if r["builtin"] and r["calls"]]
     hook_ms = min(builtin_per_call) if builtin_per_call else 0.0
     missing = []
@@ -497,6 +513,11 @@ def _kernel_times(vm, inputs: Sequence[Any], *, runs: int) -> dict[str, dict[str
                   "builtin": key.startswith("vm.builtin.")} for key, v in samples.items()}
 
 
+def _kernel_sum(sample: dict[str, Any]) -> float:
+    """Sum over kernels of calls x fastest in-graph time per call (hook cost removed)."""
+    return float(sum(k["ms_per_call"] * k["calls"] for k in sample["kernels"] if k.get("ms_per_call")))
+
+
 def load_samples(device: str, path: Path | None = None) -> list[dict[str, Any]]:
     """Stored samples of a device (current schema only; the last one per variant wins)."""
     path = path or samples_path(device)
@@ -511,15 +532,18 @@ def load_samples(device: str, path: Path | None = None) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut short by a killed writer
         if s.get("schema_version") == SCHEMA_VERSION and s.get("device") == device and s.get("e2e_ms"):
+            s["kernel_sum_ms"] = _kernel_sum(s)
             by_key[s["key"]] = s
     return list(by_key.values())
 
 
 def collect(variants: Sequence[Variant], deployment: Any = "host", *, path: Path | None = None,
-            log=print) -> list[dict[str, Any]]:
+            log=print, measure: bool = True, **sample_kwargs: Any) -> list[dict[str, Any]]:
     """Samples for ``variants``: stored ones are reused, the rest measured and appended.
 
     A failing variant is logged and skipped, so one bad architecture does not lose a batch.
+    With ``measure=False`` only stored samples are returned. ``sample_kwargs`` go to
+    :func:`collect_sample`.
     """
     from omnic.deployment import Deployment
 
@@ -531,14 +555,17 @@ def collect(variants: Sequence[Variant], deployment: Any = "host", *, path: Path
         if v.key in have:
             out.append(have[v.key])
             continue
+        if not measure:
+            continue
         t0 = time.perf_counter()
         try:
-            s = collect_sample(v, deployment)
+            s = collect_sample(v, deployment, **sample_kwargs)
         except Exception as exc:  # noqa: BLE001 - a failed variant is skipped, not fatal
             log(f"[{i + 1}/{len(variants)}] {v.key}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
             continue
         with path.open("a") as f:
             f.write(json.dumps(s) + "\n")
+        s["kernel_sum_ms"] = _kernel_sum(s)
         out.append(s)
         log(f"[{i + 1}/{len(variants)}] {v.key}: {s['e2e_ms']:.3f} ms (spread {100 * s['spread']:.1f}%), "
             f"{len(s['kernels'])} kernels, {time.perf_counter() - t0:.1f} s")
@@ -627,7 +654,7 @@ def _network_terms(samples: Sequence[dict[str, Any]], kernel_ms: Sequence[np.nda
     return np.asarray(terms)
 
 
-_TARGETS = ("e2e_ms", "e2e_min_ms")
+_TARGETS = ("e2e_ms", "e2e_min_ms", "kernel_sum_ms")
 
 
 class LatencyPredictor:
@@ -637,8 +664,10 @@ class LatencyPredictor:
         device: Device name the samples were measured on.
         tuning_state: What builds the samples describe (``"untuned"``).
         target: Which measured latency it predicts: ``"e2e_ms"``, the oracle's standard
-            protocol (median of repeats), or ``"e2e_min_ms"``, the fastest repeat (what the
-            network costs when no other process competes for the cores).
+            protocol (median of repeats); ``"e2e_min_ms"``, the fastest repeat; or
+            ``"kernel_sum_ms"``, the sum of each kernel's fastest in-graph time, which
+            approximates the network's cost when no other process competes for the cores
+            (on a shared machine the end-to-end figures swing by up to 2x between runs).
     """
 
     def __init__(self, device: str = "host", *, tuning_state: str = TUNING_STATE, target: str = "e2e_ms"):
@@ -738,7 +767,9 @@ class LatencyPredictor:
         self._require_model()
         if not kernels:
             return np.zeros(0)
-        return np.exp(self.model.predict(_matrix(kernels)))
+        ms = np.exp(self.model.predict(_matrix(kernels)))
+        # reshape-only kernels become views in the VM: never called, never timed, free
+        return np.where([is_view(k) for k in kernels], 0.0, ms)
 
     def predict_features(self, kernels: Sequence[dict[str, Any]]) -> float:
         """Network latency in ms from its kernels' features (no TVM work at all)."""
