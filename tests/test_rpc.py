@@ -235,49 +235,46 @@ def test_lease_timeout_names_the_key(rpc_farm):
 
 
 # ----------------------------------------------------------------------------- tuning
-def _fast_build(mod, target, _params):
-    # MetaSchedule's default build minus the tensor-intrinsic imports (TVM_NOTES 3.1 (e)).
-    from tvm.driver import build as tvm_build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
-
-
 @pytest.mark.slow
 def test_rpc_runner_tunes_on_the_device(rpc_farm, tmp_path):
-    import tvm
-    from tvm import relax
+    """omnic.tuning.tune on a remote deployment measures its candidates through make_rpc_runner."""
     from tvm.s_tir import meta_schedule as ms
 
-    from omnic import compiler
-    from omnic.targets import get_device
+    from omnic import compiler, tuning
+    from omnic.deployment import Deployment
 
     class MatMul(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc = nn.Linear(64, 64)
+            self.fc = nn.Linear(32, 32)
 
         def forward(self, x):
             return self.fc(x)
 
-    traced = engine.trace(MatMul().eval(), torch.randn(4, 64))
-    spec = get_device("host")
-    target = spec.tvm_target(num_threads=1)
-    with target:
-        fused = relax.get_pipeline("zero")(compiler.lower(traced))
-    runner = rpc.make_rpc_runner(_deployment(rpc_farm), ms.runner.EvaluatorConfig(
-        number=2, repeat=1, min_repeat_ms=5, enable_cpu_cache_flush=False))
-    assert runner is not None
-    db = ms.relax_integration.tune_relax(
-        mod=fused, params={}, target=target, work_dir=str(tmp_path / "ws"), max_trials_global=4,
-        num_trials_per_iter=4, builder=ms.builder.LocalBuilder(max_workers=1, f_build=_fast_build),
-        runner=runner, cost_model="random", strategy="replay-trace")
-    records = db.get_all_tuning_records()
-    assert len(records) >= 1
-    secs = [float(s) for r in records for s in (r.run_secs or [])]
-    assert secs and all(0 < s < 1e9 for s in secs), secs  # measured on the device, not failed (1e10)
-    with target, db:
-        tuned = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
-    assert any(bool(f.attrs and f.attrs.get("tirx.is_scheduled", False))
-               for _, f in tuned.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    deployment = Deployment.coerce(_deployment(rpc_farm, threads=1))
+    runner = rpc.make_rpc_runner(deployment)
+    assert isinstance(runner, ms.runner.RPCRunner)
 
+    traced = engine.trace(MatMul().eval(), torch.randn(2, 32))
+    target = deployment.spec.tvm_target(num_threads=1)
+    prepared = compiler.prepare(compiler.lower(traced), deployment.spec, target, "fp32")
+    made = []
+    real_make = rpc.make_rpc_runner
+
+    def spy(*args, **kwargs):
+        made.append(args[0])
+        return real_make(*args, **kwargs)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(rpc, "make_rpc_runner", spy):
+        db, report = tuning.tune(prepared, deployment, target, trials=4, progress=False,
+                                 database_path=tmp_path / "db",
+                                 config=tuning.TuningConfig(trials_per_iter=4, cost_model="random",
+                                                            number=2, min_repeat_ms=5))
+    assert made and made[0].tracker == rpc_farm.address  # the tuner asked for the RPC runner
+    assert report["trials"] >= 1, report
+    records = db.get_all_tuning_records()
+    secs = [float(s) for r in records for s in (r.run_secs or [])]
+    # Timed on the device: a failed run is recorded as 1e10 s.
+    assert secs and all(0 < s < 1.0 for s in secs), secs
