@@ -82,11 +82,15 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     if deployment.precision == "int8":
         from omnic import quantize
 
-        calib = quantize.calibrate(traced, traced.example_inputs if calibration is None else calibration,
-                                   quantize.QuantConfig.coerce(quantization),
-                                   source="example_inputs" if calibration is None else "calibration")
+        if traced.source == "onnx":  # already quantized (QDQ) by its exporter: nothing to calibrate
+            quantize.require_onnx_qdq(traced.onnx_path)
+        else:
+            calib = quantize.calibrate(traced, traced.example_inputs if calibration is None else calibration,
+                                       quantize.QuantConfig.coerce(quantization),
+                                       source="example_inputs" if calibration is None else "calibration")
         q_report = {}
-        prepared = compiler.prepare(mod, spec, target, "int8", quantization=calib, quant_report=q_report)
+        prepared = compiler.prepare(mod, spec, target, "int8", quantization=calib or quantize.ONNX_QDQ,
+                                    quant_report=q_report)
         if q_report.get("vnni_packed_convs"):
             # tuning tensorizes the packed convs with VNNI, and applying such records replays the
             # intrinsic by name: both need it registered (and fixed for LLVM 22) in this process
@@ -126,13 +130,14 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         actual = dm(*traced.example_inputs)
         actual = list(actual) if isinstance(actual, tuple) else [actual]
         report["max_rel_error"] = relative_error([a.numpy() for a in actual], expected)
-    if calib is not None:
+    if q_report is not None:
         from omnic import quantize
 
         report["ops_precision"] = quantize.ops_precision(q_report)
-        report["quantization"] = {**calib.summary(), "layers": q_report.get("layers", []),
+        summary = calib.summary() if calib is not None else {"source": "onnx-qdq", "integer": False}
+        report["quantization"] = {**summary, "layers": q_report.get("layers", []),
                                   "vnni_packed_convs": q_report.get("vnni_packed_convs", 0)}
-        if check and spec.local and not deployment.is_remote:
+        if calib is not None and check and spec.local and not deployment.is_remote:
             report["quantization"]["accuracy"] = quantize.accuracy_vs_fp32(dm, calib)
     return dm
 

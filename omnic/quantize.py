@@ -359,7 +359,32 @@ class _LayerMatcher:
 UNCALIBRATED_SCALE = 1.0 / 32
 
 
-def quantize_relax(mod: Any, calibration: Calibration | None, *, config: QuantConfig | None = None
+#: Passed as ``calibration`` for ONNX models that arrive quantized (QuantizeLinear /
+#: DequantizeLinear pairs): their scales are the exporter's, and they run as imported.
+ONNX_QDQ = "onnx-qdq"
+
+
+def require_onnx_qdq(path: str) -> None:
+    """Check that an ONNX model is already quantized in QDQ form.
+
+    Raises:
+        QuantizationError: A float ONNX model (omnic calibrates PyTorch models only) or a
+            QOperator model (TVM has no converters for QLinearConv and friends).
+    """
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(path, load_external_data=False).graph.node}
+    if ops & {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd"}:
+        raise QuantizationError(
+            f"{path} is a QOperator-format quantized model, which TVM cannot import; "
+            "fix: quantize with onnxruntime's quantize_static(..., quant_format=QuantFormat.QDQ)")
+    if "DequantizeLinear" not in ops:
+        raise QuantizationError(
+            f"{path} is a float ONNX model; int8 calibration works on PyTorch models. fix: pass the "
+            "nn.Module with calibration=..., or a QDQ model from onnxruntime's quantize_static")
+
+
+def quantize_relax(mod: Any, calibration: Calibration | str | None, *, config: QuantConfig | None = None
                    ) -> tuple[Any, dict[str, Any]]:
     """Rewrite conv2d / matmul with constant weights into int8 (or simulated int8) form.
 
@@ -379,6 +404,8 @@ def quantize_relax(mod: Any, calibration: Calibration | None, *, config: QuantCo
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
+    if calibration == ONNX_QDQ:
+        return mod, _qdq_report(mod)
     config = config or (calibration.config if calibration is not None else QuantConfig())
     matcher = _LayerMatcher(calibration.layers if calibration is not None else ())
     report: dict[str, Any] = {"int8": {}, "float32": {}, "layers": []}
@@ -485,10 +512,33 @@ def quantize_relax(mod: Any, calibration: Calibration | None, *, config: QuantCo
     return mod, report
 
 
+def _qdq_report(mod: Any) -> dict[str, Any]:
+    """ONNX QDQ models run as imported: quantize/dequantize pairs around fp32 kernels."""
+    import tvm
+    from tvm import relax
+
+    counts: dict[str, int] = {}
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            name = expr.op.name.replace("relax.nn.", "").replace("relax.", "")
+            counts[name] = counts.get(name, 0) + 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    simulated = {k: counts[k] for k in ("quantize", "dequantize") if k in counts}
+    fp32 = {k: counts[k] for k in ("conv2d", "matmul") if k in counts}
+    return {"int8": {}, "float32": fp32, "simulated_int8": simulated, "layers": [], "calibrated": ONNX_QDQ}
+
+
 def ops_precision(report: dict[str, Any]) -> dict[str, Any]:
     """The compile report's ``ops_precision`` entry for an int8 build."""
-    return {"int8": dict(report.get("int8", {})), "float32": {**report.get("float32", {}),
-                                                              "other": "all remaining ops"}}
+    out = {"int8": dict(report.get("int8", {})), "float32": {**report.get("float32", {}),
+                                                             "other": "all remaining ops"}}
+    if report.get("simulated_int8"):  # Q/DQ pairs kept as is: int8 storage, fp32 arithmetic
+        out["simulated_int8"] = dict(report["simulated_int8"])
+    return out
 
 
 def accuracy_vs_fp32(device_model: Any, calibration: Calibration) -> dict[str, Any] | None:
@@ -632,35 +682,8 @@ def strip_layout_free(mod: Any) -> Any:
 
 
 def register_vnni_intrinsic() -> None:
-    """Make MetaSchedule's ``dot_16x4_vnni`` build with the bundled LLVM 22.
+    """Make MetaSchedule's ``dot_16x4_vnni`` build with the bundled LLVM 22 (see
+    :func:`omnic.precision.vnni.register_vnni_intrinsic`)."""
+    from omnic.precision.vnni import register_vnni_intrinsic as register
 
-    TVM 0.27 passes ``<16 x i32>`` operands to ``llvm.x86.avx512.vpdpbusd.512``; LLVM 22 wants
-    ``<64 x i8>``, so every VNNI candidate fails LLVM verification and tuning silently keeps
-    plain code (TVM_NOTES 10). Importing the intrinsic package costs seconds (it registers the
-    CUDA ones too), so this runs only when int8 kernels are tuned.
-    """
-    global _VNNI_REGISTERED
-    if _VNNI_REGISTERED:
-        return
-    import tvm.s_tir.tensor_intrin  # noqa: F401 - registers the stock intrinsics first
-    from tvm.s_tir import TensorIntrin
-    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def vnni_impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-                  C: T.Buffer((16,), "int32", offset_factor=1)):
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
-                              dtype="uint8x64")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), a, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
-
-    TensorIntrin.register("dot_16x4_vnni", dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
-    _VNNI_REGISTERED = True
-
-
-_VNNI_REGISTERED = False
+    register()

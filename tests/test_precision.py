@@ -173,3 +173,27 @@ def test_digits_cnn_int8_accuracy_within_one_point_of_fp32():
     assert abs(int8 - fp32) <= 0.01, (fp32, int8)
     assert dm.report["ops_precision"]["int8"] == {"conv2d": 4, "matmul": 1}
     assert dm.report["quantization"]["accuracy"]["top1_agreement"] >= 0.97
+
+
+def test_onnx_qdq_model_is_accepted_and_float_onnx_is_a_clear_error(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    model, x = _clip_model(), torch.randn(1, 3, 16, 16)
+    fp32_path, qdq_path = tmp_path / "m.onnx", tmp_path / "m_qdq.onnx"
+    torch.onnx.export(model, (x,), str(fp32_path), dynamo=False, opset_version=17, input_names=["x"])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": torch.randn(1, 3, 16, 16).numpy()} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(fp32_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    dm = engine.compile(str(qdq_path), {"device": "host", "precision": "int8"}, progress=False)
+    assert dm.report["quantization"]["source"] == "onnx-qdq"
+    assert dm.report["ops_precision"]["simulated_int8"]["dequantize"] > 0
+    assert dm.report["max_rel_error"] < 1e-3  # vs onnxruntime running the same QDQ model
+    with pytest.raises(quantize.QuantizationError, match="float ONNX"):
+        engine.compile(str(fp32_path), {"device": "host", "precision": "int8"}, progress=False)
