@@ -269,7 +269,9 @@ class Searcher:
         key = self.space.key(cfg)
         if key not in self._feat_cache:
             c = self.cost(cfg)
-            self._feat_cache[key] = [c["flops"] / 1e6, c["params"] / 1e4, c["memory"]] + self.space.encode(cfg)
+            # logs: the predictor regresses log-latency, which scales roughly with log-FLOPs
+            self._feat_cache[key] = [math.log1p(c["flops"]), math.log1p(c["params"]), math.log1p(c["memory"])] \
+                + self.space.encode(cfg)
         return self._feat_cache[key]
 
     def predicted(self, cfg: Mapping[str, Any]) -> float:

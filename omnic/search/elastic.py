@@ -234,6 +234,10 @@ class DepthGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x) if self.active else x
 
+    def export(self) -> nn.Module:
+        """The plain block (sliced) when active, else ``nn.Identity``."""
+        return export_module(self)
+
 
 ELASTIC_TYPES = (ElasticConv2d, ElasticBatchNorm2d, ElasticLinear)
 

@@ -142,6 +142,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 4,
     if cfg is not None:
         model.set_active(cfg)
     bns = _bn_modules(model)
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
@@ -150,8 +151,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 4,
         if i >= batches:
             break
         model(x)
-    for m in bns:
-        m.momentum = 0.1
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
     return model.eval()
 
 
