@@ -9,11 +9,13 @@ How a compile uses it (``engine.compile`` -> :func:`database_for`):
    shared by every model: workloads are keyed by the structure of the fused PrimFunc (shapes
    included, weights not), so a second compile of a model tunes nothing and a model sharing layers
    with an earlier one tunes only its new tasks.
-3. Tasks are tuned one at a time, heaviest first (FLOPs x occurrences), each with its share of
-   the trial budget, until the trial budget or the time budget (``Deployment.tuning_time_s``) is
-   spent. Tuning task by task (instead of one MetaSchedule job over all tasks) makes records reach
+3. Tasks are tuned in passes, heaviest first (FLOPs x occurrences): each pass gives every
+   unfinished task one batch, until each has its share of the trial budget or the time budget
+   (``Deployment.tuning_time_s``) is spent, so a short budget buys coverage of the heavy tasks
+   first. One MetaSchedule job per batch (instead of one job over all tasks) makes records reach
    the disk after every batch: MetaSchedule's gradient scheduler commits nothing until every task
-   has had its first batch (minutes for a real network).
+   has had its first batch (minutes for a real network), and it lets the deadline be checked
+   between batches.
 
 Interrupted runs (``kill -9`` included): ``JSONDatabase`` appends each record as it commits, so
 every finished batch survives. A small ledger next to the database (``omnic_tasks.json``, written
@@ -365,7 +367,7 @@ def _make_callback(state: _Progress) -> Any:
 
     @derived_object
     class OmnicProgress(ms.measure_callback.PyMeasureCallback):
-        """Counts trials, tracks the best latency, writes the ledger and enforces the deadline.
+        """Counts trials, tracks the best latency and writes the ledger after every batch.
 
         Runs after MetaSchedule's own callbacks, so the batch's records are already on disk when
         the ledger says they exist.
@@ -395,9 +397,6 @@ def _make_callback(state: _Progress) -> Any:
                 state.bar.set_postfix_str(
                     f"{task.name if task else ''} best {best} | model est {sum(state.total_ms.values()):.3f}ms",
                     refresh=False)
-            if state.deadline is not None and time.monotonic() >= state.deadline:
-                state.stopped_by_time = True
-                task_scheduler.terminate_task(task_id)
 
     return OmnicProgress()
 
@@ -560,32 +559,44 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
             strategy = ms.search_strategy.EvolutionarySearch(population_size=config.population_size,
                                                              genetic_num_iters=config.genetic_num_iters)
             try:
-                for i, task in enumerate(planned):
-                    # the heaviest task always gets its first batch, so that even a budget
-                    # shorter than one batch makes progress across repeated compiles
-                    if i > 0 and state.deadline is not None and time.monotonic() >= state.deadline:
-                        state.stopped_by_time = True
+                # passes: every task gets a batch (heaviest first) before any gets a second, so a
+                # time budget buys coverage first (an untuned kernel is ~40x slower than a tuned
+                # one) and depth after. One MetaSchedule job per batch: the deadline is checked
+                # between batches (terminating a task from a callback trips MetaSchedule's own
+                # bookkeeping) and each job's search is seeded with the task's best records.
+                batch = 0
+                while not state.stopped_by_time:
+                    active = [t for t in planned if not t.complete]
+                    if not active:
                         break
-                    state.task = task
-                    if state.bar is not None:
-                        state.bar.set_description(f"task {i + 1}/{len(planned)} {task.name}", refresh=True)
-                    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                        [task.extracted], work_dir=str(path), strategy=strategy, seed=config.seed)
-                    ms.tune.tune_tasks(
-                        tasks=ctxs, task_weights=weights, work_dir=str(path), max_trials_global=task.allotted,
-                        max_trials_per_task=task.allotted,
-                        num_trials_per_iter=min(config.trials_per_iter, task.allotted),
-                        builder=builder, runner=runner_obj, database=db, cost_model=cost_model,
-                        measure_callbacks=callbacks, task_scheduler="round-robin")
-                    if not state.stopped_by_time:
-                        # finished its allotment (or the search space ran dry): done for good
-                        task.complete = True
-                        entry = ledger["tasks"].setdefault(task.key, {"name": task.name})
-                        entry.update(trials=task.trials_before + task.trials_run, complete=True,
-                                     best_ms=task.best_ms)
-                        _write_ledger(ledger_path, ledger)
-                    if state.stopped_by_time:
-                        break
+                    for task in active:
+                        # the very first batch always runs, so that even a budget shorter than
+                        # one batch makes progress across repeated compiles
+                        if batch > 0 and state.deadline is not None and time.monotonic() >= state.deadline:
+                            state.stopped_by_time = True
+                            break
+                        state.task = task
+                        if state.bar is not None:
+                            state.bar.set_description(
+                                f"task {planned.index(task) + 1}/{len(planned)} {task.name}", refresh=True)
+                        n = min(config.trials_per_iter, task.allotted - task.trials_run)
+                        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                            [task.extracted], work_dir=str(path), strategy=strategy,
+                            seed=config.seed + 7919 * batch + task.trials_before + task.trials_run)
+                        before = task.trials_run
+                        ms.tune.tune_tasks(
+                            tasks=ctxs, task_weights=weights, work_dir=str(path), max_trials_global=n,
+                            max_trials_per_task=n, num_trials_per_iter=n, builder=builder, runner=runner_obj,
+                            database=db, cost_model=cost_model, measure_callbacks=callbacks,
+                            task_scheduler="round-robin")
+                        batch += 1
+                        # allotment reached, or the search space ran dry: done for good
+                        if task.trials_run >= task.allotted or task.trials_run == before:
+                            task.complete = True
+                            entry = ledger["tasks"].setdefault(task.key, {"name": task.name})
+                            entry.update(trials=task.trials_before + task.trials_run, complete=True,
+                                         best_ms=task.best_ms)
+                            _write_ledger(ledger_path, ledger)
             finally:
                 if state.bar is not None:
                     state.bar.close()
