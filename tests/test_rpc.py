@@ -99,6 +99,11 @@ def test_remote_inference_and_latency_match_local_and_pytorch(rpc_farm, tmp_path
     finally:
         dm.runtime.close()
 
+    # engine.profile measures each kernel on the device (and gives the lease back on return).
+    prof = engine.profile(model, _deployment(rpc_farm), X, runs=3)
+    assert prof["latency_ms"] > 0 and prof["kernels"] and prof["kernels"][0]["kind"] == "kernel"
+    rpc_farm.wait_servers(2, timeout_s=30)
+
     # engine.get_latency on the remote deployment goes through the oracle and its store.
     oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"), QUICK)
     m = oracle.measure(model, _deployment(rpc_farm), X)
