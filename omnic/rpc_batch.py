@@ -70,7 +70,7 @@ class _Job:
     not_before: float = 0.0
     errors: list[str] = field(default_factory=list)
     done: bool = False
-    running_since: float | None = None
+    deadline: float | None = None  # client-side: past it, the server is deemed unresponsive
     server: str | None = None
     worker: int | None = None
 
@@ -122,7 +122,7 @@ class FarmBatch:
         self._retired_reason: str | None = None
         self._next_worker = 0
         self._stop = False
-        self.stats = {"leases": 0, "retries": 0, "timeouts": 0, "failed": 0, "workers": 0}
+        self.stats = {"leases": 0, "retries": 0, "timeouts": 0, "abandoned": 0, "failed": 0, "workers": 0}
 
     # ----------------------------------------------------------------------------- results
     def _resolve(self, job: _Job, m: Measurement, extra: dict[str, Any]) -> None:
@@ -130,7 +130,7 @@ class FarmBatch:
             if job.done:  # an abandoned worker answering late
                 return
             job.done = True
-            job.running_since = None
+            job.deadline = None
             if not m.ok:
                 self.stats["failed"] += 1
         extra = dict(extra, attempts=job.attempts + (1 if m.ok else 0), errors=list(job.errors))
@@ -172,7 +172,10 @@ class FarmBatch:
                 for job in self._ready:
                     if job.not_before <= now and not job.done:
                         self._ready.remove(job)
-                        job.running_since = now
+                        # Leasing is bounded by lease_timeout_s (socket timeout), connecting and
+                        # running by the server's session timeout; the grace covers the rest.
+                        b = self.batch
+                        job.deadline = now + b.lease_timeout_s + b.timeout_s + b.grace_s
                         job.worker = wid
                         return job
                 waits = [j.not_before - now for j in self._ready if not j.done]
@@ -182,7 +185,7 @@ class FarmBatch:
         with self._cond:
             if job.done:
                 return
-            job.running_since = None
+            job.deadline = None
             job.not_before = time.monotonic() + delay
             self._ready.append(job)
             self._cond.notify_all()
@@ -214,10 +217,12 @@ class FarmBatch:
                 except Exception as exc:  # noqa: BLE001 - a server that died between lease and connect
                     self._retry_or_fail(job, f"connect: {type(exc).__name__}: {str(exc)[:300]}")
                     continue
+                started = time.monotonic()
                 with self._cond:
                     self.stats["leases"] += 1
                     job.server = server
-                started = time.monotonic()
+                    if not job.done:
+                        job.deadline = started + b.timeout_s + b.grace_s
                 try:
                     shapes, dtypes = self._signatures[job.index]
                     m = measure_on_server(session, job.library, self.deployment, shapes, dtypes, self.config,
@@ -287,14 +292,16 @@ class FarmBatch:
                         now = time.monotonic()
                         # A server that neither answers nor ends the session: give up on it, let a
                         # fresh worker lease another (the abandoned thread is a daemon).
-                        stuck = [j for j in self.jobs if j.running_since is not None and not j.done
-                                 and now - j.running_since > b.timeout_s + b.grace_s]
+                        stuck = [j for j in self.jobs if j.deadline is not None and not j.done
+                                 and now > j.deadline]
                         for job in stuck:
                             self._workers.pop(job.worker, None)  # its thread exits if it ever returns
+                            self.stats["abandoned"] += 1
                         no_workers = not self._workers and self._remaining > 0
                     for job in stuck:
-                        self._fail(job, f"timeout: no answer from server {job.server} for "
-                                        f"{b.timeout_s + b.grace_s:g} s; the server was abandoned", server=job.server)
+                        self._fail(job, f"timeout: no answer from server {job.server or '(none leased)'} "
+                                        f"within {b.timeout_s:g} s + {b.grace_s:g} s grace; the server was "
+                                        "abandoned", server=job.server)
                         self._spawn_worker()
                     if no_workers:
                         if producer.is_alive() and self._retired_reason is None:

@@ -231,6 +231,18 @@ def test_unreachable_tracker_is_a_clear_error_within_a_bounded_time(address, tmp
         assert main(["devices", "--tracker", address]) == 2  # the CLI prints the error, no traceback
 
 
+def test_cli_binds_loopback_by_default_and_warns_about_uploaded_code():
+    from omnic.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["tracker"]).host == "127.0.0.1"
+    args = parser.parse_args(["serve", "--tracker", "127.0.0.1:9190"])
+    assert args.host == "127.0.0.1" and args.key is None and args.device == "host"
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("tracker", "serve"):
+        assert "trusted network" in sub.choices[name].format_help().replace("\n", " ")
+
+
 def test_lease_timeout_names_the_key(rpc_farm):
     with rpc.TrackerClient(rpc_farm.address) as client:
         t0 = time.monotonic()
