@@ -53,6 +53,10 @@ class LeaseTimeoutError(DeviceUnreachableError):
     """No server under the key became free at the tracker within the allowed wait."""
 
 
+class ServerConnectError(DeviceUnreachableError):
+    """The tracker leased a server that cannot be connected to (gone, or not routable from here)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class RpcConfig:
     """How long to wait for the tracker and its servers.
@@ -227,7 +231,14 @@ class TrackerClient:
         if value[0] != base.TrackerCode.SUCCESS:
             raise DeviceUnreachableError(f"tracker {self.address} refused the lease for {key!r}: {value!r}")
         url, port, matchkey = value[1]
-        session = rpc.connect(url, port, matchkey, session_timeout=session_timeout_s)
+        try:
+            session = rpc.connect(url, port, matchkey, session_timeout=session_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - TVM raises plain runtime errors here
+            # The tracker handed out a server that is gone or unreachable from here.
+            raise ServerConnectError(
+                f"the tracker at {self.address} leased server {url}:{port} for key {key!r}, but it cannot be "
+                f"reached from here ({type(exc).__name__}: {str(exc)[:300]}); a server must be reachable "
+                "from the client as well as from the tracker (see `omnic serve --custom-addr`)") from exc
         return session, f"{url}:{port}"
 
     def close(self) -> None:
@@ -796,7 +807,8 @@ def register_cli(subparsers: Any) -> None:
 
 
 __all__ = [
-    "DEFAULT_TRACKER_PORT", "LeaseTimeoutError", "LocalFarm", "RemoteRuntime", "RpcConfig", "TrackerClient",
+    "DEFAULT_TRACKER_PORT", "LeaseTimeoutError", "LocalFarm", "RemoteRuntime", "RpcConfig", "ServerConnectError",
+    "TrackerClient",
     "cli_devices", "connect_tracker", "export_for_upload", "load_remote_vm", "make_rpc_runner",
     "parse_address", "queue_status", "register_cli", "run_remote_vm",
 ]

@@ -19,7 +19,6 @@ Faults are data, not crashes:
 """
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -146,7 +145,7 @@ class FarmBatch:
         self._resolve(job, Measurement(median_ms=None, error=reason, device=self.deployment.device), extra)
 
     # ---------------------------------------------------------------------------- producer
-    def _produce(self, tmpdir: str) -> None:
+    def _produce(self) -> None:
         for job in self.jobs:
             with self._cond:
                 if self._stop:
@@ -210,12 +209,17 @@ class FarmBatch:
                     self._requeue(job, 0.0)
                     self._retire(wid, str(exc))
                     return
+                except rpc.ServerConnectError as exc:  # a server that died between lease and connect
+                    self._retry_or_fail(job, f"connect: {exc}")
+                    continue
                 except DeviceUnreachableError as exc:
-                    client = None
+                    if client is not None:
+                        client.close()
+                    client = None  # reconnect (bounded) on the next attempt
                     self._retry_or_fail(job, f"lease: {exc}")
                     continue
-                except Exception as exc:  # noqa: BLE001 - a server that died between lease and connect
-                    self._retry_or_fail(job, f"connect: {type(exc).__name__}: {str(exc)[:300]}")
+                except Exception as exc:  # noqa: BLE001 - anything else on the way to a session
+                    self._retry_or_fail(job, f"lease: {type(exc).__name__}: {str(exc)[:300]}")
                     continue
                 started = time.monotonic()
                 with self._cond:
@@ -277,47 +281,48 @@ class FarmBatch:
     def run(self, n_workers: int) -> None:
         """Measure every candidate; returns when each one has a result."""
         b = self.batch
-        with tempfile.TemporaryDirectory(prefix="omnic-farm-") as tmpdir:
-            producer = threading.Thread(target=self._produce, args=(tmpdir,), name="omnic-farm-compile",
-                                        daemon=True)
-            producer.start()
-            for _ in range(max(1, n_workers)):
-                self._spawn_worker()
-            try:
-                while True:
-                    with self._cond:
-                        if self._remaining == 0:
-                            break
-                        self._cond.wait(timeout=0.5)
-                        now = time.monotonic()
-                        # A server that neither answers nor ends the session: give up on it, let a
-                        # fresh worker lease another (the abandoned thread is a daemon).
-                        stuck = [j for j in self.jobs if j.deadline is not None and not j.done
-                                 and now > j.deadline]
-                        for job in stuck:
-                            self._workers.pop(job.worker, None)  # its thread exits if it ever returns
-                            self.stats["abandoned"] += 1
-                        no_workers = not self._workers and self._remaining > 0
-                    for job in stuck:
-                        self._fail(job, f"timeout: no answer from server {job.server or '(none leased)'} "
-                                        f"within {b.timeout_s:g} s + {b.grace_s:g} s grace; the server was "
-                                        "abandoned", server=job.server)
-                        self._spawn_worker()
-                    if no_workers:
-                        if producer.is_alive() and self._retired_reason is None:
-                            continue
-                        reason = self._retired_reason or "no worker left"
-                        with self._cond:
-                            self._stop = True
-                        producer.join()
-                        for job in self.jobs:
-                            if not job.done:
-                                self._fail(job, f"not measured: {reason}")
-            finally:
+        producer = threading.Thread(target=self._produce, name="omnic-farm-compile", daemon=True)
+        producer.start()
+        for _ in range(max(1, n_workers)):
+            self._spawn_worker()
+        try:
+            while True:
                 with self._cond:
-                    self._stop = True
-                    self._cond.notify_all()
-                producer.join(timeout=1.0)
+                    if self._remaining == 0:
+                        break
+                    self._cond.wait(timeout=0.5)
+                    now = time.monotonic()
+                    # A server that neither answers nor ends the session: give up on it, let a
+                    # fresh worker lease another (the abandoned thread is a daemon).
+                    stuck = [j for j in self.jobs if j.deadline is not None and not j.done
+                             and now > j.deadline]
+                    for job in stuck:
+                        self._workers.pop(job.worker, None)  # its thread exits if it ever returns
+                        self.stats["abandoned"] += 1
+                    no_workers = not self._workers and self._remaining > 0
+                for job in stuck:
+                    self._fail(job, f"timeout: no answer from server {job.server or '(none leased)'} "
+                                    f"within {b.timeout_s:g} s + {b.grace_s:g} s grace; the server was "
+                                    "abandoned", server=job.server)
+                    self._spawn_worker()
+                if stuck:
+                    with self._cond:
+                        no_workers = not self._workers and self._remaining > 0
+                if no_workers:
+                    if producer.is_alive() and self._retired_reason is None:
+                        continue
+                    reason = self._retired_reason or "no worker left"
+                    with self._cond:
+                        self._stop = True
+                    producer.join()
+                    for job in self.jobs:
+                        if not job.done:
+                            self._fail(job, f"not measured: {reason}")
+        finally:
+            with self._cond:
+                self._stop = True
+                self._cond.notify_all()
+            producer.join(timeout=1.0)
 
 
 def count_servers(deployment: Deployment, batch: BatchConfig) -> int:
