@@ -48,6 +48,8 @@ class AdaptStep:
         before_noise_ms / after_noise_ms: Half the interquartile range of those measurements.
         max_abs_diff / max_rel_diff: Output change of the candidate against the original model
             on the example input (rel: divided by the largest output magnitude).
+        paired_ms: ``(before, after)`` medians of the back-to-back re-check of a candidate the
+            oracle found faster (None when there was no re-check).
         notes: Details from the pass.
     """
 
@@ -62,6 +64,7 @@ class AdaptStep:
     after_noise_ms: float | None = None
     max_abs_diff: float | None = None
     max_rel_diff: float | None = None
+    paired_ms: tuple[float, float] | None = None
     notes: tuple[str, ...] = ()
 
 
@@ -95,7 +98,7 @@ class AdaptReport:
     @property
     def kept(self) -> list[str]:
         """Names of the passes whose rewrites are in the adapted model."""
-        return [s.name for s in self.steps if s.status in _APPLIED and s.nodes_changed]
+        return [s.name for s in self.steps if s.status.startswith(_APPLIED) and s.nodes_changed]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -149,7 +152,8 @@ def _diff(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> tuple[flo
 def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exact_only: bool = False,
           approximate: bool = False, oracle: Any = None, tolerance: float = 0.05,
           passes: Sequence[str] | None = None, config: MeasureConfig | None = None,
-          measure: bool = True, progress: Callable[[str], None] | None = None) -> fx.GraphModule:
+          measure: bool = True, confirm: bool = True,
+          progress: Callable[[str], None] | None = None) -> fx.GraphModule:
     """Adapt ``model`` to the deployment's device, keeping rewrites that measurably lower latency.
 
     Args:
@@ -169,6 +173,9 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
         measure: False proposes without measuring (for a device with no tracker attached): every
             rewrite that changes something and passes the accuracy checks is applied and marked
             ``unmeasured``. The default keeps only what the oracle shows to be faster.
+        confirm: Re-check a candidate the oracle finds faster by timing it and the current
+            model back to back, alternating (stored measurements of the two can be minutes apart,
+            and on a shared machine the load changes in between). Kept only if both agree.
         progress: Called with one line per step (the CLI prints them).
 
     Returns:
@@ -273,8 +280,19 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
             continue
         gain, noise = base.median_ms - m.median_ms, base.noise_ms + m.noise_ms
         common.update(after_ms=m.median_ms, after_noise_ms=m.noise_ms)
+        if gain > noise and confirm:
+            pa, pb = _paired(current, candidate, inputs, deployment, config)
+            common.update(paired_ms=(pa.median_ms, pb.median_ms))
+            pgain, pnoise = pa.median_ms - pb.median_ms, pa.noise_ms + pb.noise_ms
+            if pgain <= pnoise:
+                steps.append(AdaptStep(status=f"rejected: back-to-back re-check not faster beyond noise "
+                                              f"({pa.median_ms:.3f} -> {pb.median_ms:.3f} ms, ±{pnoise:.3f})", **common))
+                say(f"{info.name}: oracle {common['before_ms']:.3f} -> {m.median_ms:.3f} ms, re-check "
+                    f"{pa.median_ms:.3f} -> {pb.median_ms:.3f} ms: rejected")
+                continue
         if gain > noise:
-            status = "kept"
+            paired = common.get("paired_ms")
+            status = "kept" + (f" (re-check {paired[0]:.3f} -> {paired[1]:.3f} ms)" if paired else "")
             current, base = candidate, m
             done.append(info.name)
         else:
@@ -289,9 +307,28 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
         steps=tuple(steps), original_ms=original.median_ms if original.ok else None,
         original_noise_ms=original.noise_ms if original.ok else None, final_ms=base.median_ms,
         final_noise_ms=base.noise_ms, max_abs_diff=abs_d, max_rel_diff=rel_d,
-        exact=all(s.exact for s in steps if s.status in _APPLIED and s.nodes_changed))
+        exact=all(s.exact for s in steps if s.status.startswith(_APPLIED) and s.nodes_changed))
     current.adapt_report = report
     return current
+
+
+def _paired(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple[torch.Tensor, ...], deployment: Deployment,
+            config: MeasureConfig | None, rounds: int = 3) -> tuple[Measurement, Measurement]:
+    """Time ``a`` and ``b`` alternately (a, b, a, b, ...) so both see the same machine load."""
+    from omnic import engine
+    from omnic.measure import relative_spread
+
+    dms = [engine.compile(trace(g, inputs), deployment, check=False, progress=False) for g in (a, b)]
+    runs: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, dm in enumerate(dms):
+            runs[i].extend(dm.measure(config or MeasureConfig(max_rounds=1)).results_ms)
+    out = []
+    for r in runs:
+        r = sorted(r)
+        out.append(Measurement(median_ms=r[len(r) // 2], spread=relative_spread(r), runs=len(r),
+                               results_ms=tuple(r), device=deployment.device))
+    return out[0], out[1]
 
 
 def _run_one(gm: fx.GraphModule, spec: Any, name: str, done: list[str]):
