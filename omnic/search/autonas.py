@@ -313,6 +313,22 @@ class Searcher:
         self.strategy.tell(cfg, score=self.memo_scores[key])
         return self.memo_scores[key]
 
+    def measure_batch(self, cfgs: list[Config]) -> None:
+        """Measure several candidates at once where the oracle can (``measure_many``: in parallel
+        over an RPC farm), then record them one by one as :meth:`measure` does."""
+        todo = [c for c in cfgs if self.space.key(c) not in self.memo_latency]
+        shapes = {tuple(tuple(t.shape) for t in self.omni.example_input(c)) for c in todo}
+        many = getattr(self.oracle, "measure_many", None)
+        if len(todo) > 1 and many is not None and len(shapes) == 1:
+            models = [self.omni.export(c).eval() for c in todo]
+            results = many(models, self.deployment, self.omni.example_input(todo[0]))
+            for c, m in zip(todo, results):
+                self.fresh_measurements += 0 if getattr(m, "cached", False) else 1
+                self.memo_latency[self.space.key(c)] = float(m.median_ms) if m.ok else None
+            self._save()
+        for c in cfgs:
+            self.measure(c)
+
     def measure(self, cfg: Mapping[str, Any]) -> float | None:
         key = self.space.key(cfg)
         if key not in self.memo_latency:
@@ -412,17 +428,18 @@ class Searcher:
             pop = self.strategy.ask(self.screen)
             for cfg in pop:
                 self.score(cfg)
-            verified = 0
+            # the generation's best screened candidates are verified together (one batch, so an
+            # RPC farm measures them in parallel)
+            batch: list[Config] = []
             for key in sorted((self.space.key(p) for p in pop), key=lambda k: -self.memo_scores[k]):
-                if verified >= c.verify_per_generation or self.budget_left <= 0:
+                if len(batch) >= min(c.verify_per_generation, self.budget_left):
                     break
                 if key in self.measured:
                     continue
                 cfg = json.loads(key)
-                if not self.screen(cfg):
-                    continue
-                self.measure(cfg)
-                verified += 1
+                if self.screen(cfg):
+                    batch.append(cfg)
+            self.measure_batch(batch)
             best = self._best_verified()
             self.history.append({"generation": self.generation, "population": len(pop),
                                  "scored": len(self.strategy.scores), "measured": len(self.measured),
