@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--builder", default="inproc", choices=("inproc", "pool", "local"))
     ap.add_argument("--per-iter", type=int, default=16, help="trials per batch")
     ap.add_argument("--population", type=int, default=256, help="evolutionary search population")
+    ap.add_argument("--genetic-iters", type=int, default=2, help="evolutionary search genetic iterations")
     ap.add_argument("--cache-dir", default=None,
                     help="cache root (default: a fresh folder, so the budget starts from an empty database)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from omnic import tuning
 
     config = tuning.TuningConfig(builder=args.builder, trials_per_iter=args.per_iter,
-                                 population_size=args.population)
+                                 population_size=args.population, genetic_num_iters=args.genetic_iters)
     print(f"tuning config: {config}", flush=True)
     results = [bench_model(m, args.budget_s, args.threads, args.rounds, config, args.min_time_s)
                for m in args.models]

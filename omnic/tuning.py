@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import re
 import sys
@@ -202,7 +201,8 @@ def _repair_jsonl(path: Path) -> int:
 
 
 def open_database(path: Path, *, create: bool = True):
-    """The ``JSONDatabase`` in ``path`` (repaired if a killed writer left a torn line)."""
+    """The ``JSONDatabase`` in ``path`` for tuning into (repaired if a killed writer left a torn
+    line). Call it holding :func:`_locked`: it may rewrite the files."""
     from tvm.s_tir import meta_schedule as ms
 
     workloads, records = path / "database_workload.json", path / "database_tuning_record.json"
@@ -217,6 +217,36 @@ def open_database(path: Path, *, create: bool = True):
     except Exception as exc:  # noqa: BLE001 - TVM raises plain errors on unreadable files
         raise TuningError(f"cannot read the tuning database in {path}: {type(exc).__name__}: {exc}\n"
                           f"  fix: move the folder away (tuning starts afresh)") from exc
+
+
+def open_snapshot(path: Path):
+    """A read-only snapshot of the database in ``path`` for applying at build time, or None.
+
+    Takes no lock, so a compile never waits for another process's tuning run; the files are
+    copied minus a line being appended at this instant, and loaded from the copy.
+    """
+    import tempfile
+
+    from tvm.s_tir import meta_schedule as ms
+
+    workloads, records = path / "database_workload.json", path / "database_tuning_record.json"
+    if not workloads.exists():
+        return None
+    with tempfile.TemporaryDirectory(prefix="omnic-db-") as tmp:
+        copies = []
+        for src in (workloads, records):
+            dst = Path(tmp) / src.name
+            data = src.read_bytes() if src.exists() else b""
+            dst.write_bytes(data)
+            _repair_jsonl(dst)
+            copies.append(dst)
+        try:
+            # JSONDatabase reads everything at construction and writes only on commit
+            return ms.database.JSONDatabase(path_workload=str(copies[0]), path_tuning_record=str(copies[1]),
+                                            allow_missing=False)
+        except Exception as exc:  # noqa: BLE001
+            raise TuningError(f"cannot read the tuning database in {path}: {type(exc).__name__}: {exc}\n"
+                              f"  fix: move the folder away (tuning starts afresh)") from exc
 
 
 def _read_ledger(path: Path) -> dict[str, Any]:
@@ -287,6 +317,23 @@ def _light_tensor_intrinsics(target: Any) -> None:
             importlib.import_module(f"{name}.{family}")
         except Exception:  # noqa: BLE001 - a missing family only disables tensorized rules
             pass
+
+
+def _quiet_metaschedule_console() -> None:
+    """Keep MetaSchedule's console quiet (the tqdm bar says what matters); its per-task log
+    files under ``<database>/logs`` keep every detail.
+
+    MetaSchedule derives its console level from its logger's level and then sets that logger to
+    DEBUG, so this runs before every job. It also rebuilds its logging config from the names of
+    the logger's handlers and crashes on an unnamed one (pytest adds such handlers).
+    """
+    import logging
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(logging.WARNING)
+    for handler in list(ms_logger.handlers):
+        if handler.get_name() is None:
+            ms_logger.removeHandler(handler)
 
 
 def _make_builder(config: TuningConfig) -> Any:
@@ -456,6 +503,9 @@ def _plan(tasks: Sequence[_Task], trials: int, config: TuningConfig) -> None:
     budget = trials
     for task in todo:
         need = max(0, share - task.trials_before) if task.status == "partial" else share
+        if need == 0:
+            task.status = "done"  # an interrupted run had already measured its share
+            continue
         need = min(need, budget)
         task.allotted = need
         budget -= need
@@ -512,17 +562,6 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
         # the runner's worker process inherits this; unset, TVM times candidates on cores/2 threads
         os.environ.setdefault("TVM_NUM_THREADS", str(int(target.attrs["num-cores"])))
 
-    # MetaSchedule logs every trial to stdout; keep its console quiet (the tqdm bar says what
-    # matters) while its per-task log files under <database>/logs keep the details
-    import logging
-
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    ms_logger.setLevel(logging.WARNING)
-    # MetaSchedule rebuilds its logging config from the names of the logger's handlers on every
-    # run and crashes on an unnamed one (pytest and some notebooks add such handlers)
-    for handler in list(ms_logger.handlers):
-        if handler.get_name() is None:
-            ms_logger.removeHandler(handler)
     with _locked(path):
         _light_tensor_intrinsics(target)
         db = open_database(path)
@@ -580,6 +619,7 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
                             state.bar.set_description(
                                 f"task {planned.index(task) + 1}/{len(planned)} {task.name}", refresh=True)
                         n = min(config.trials_per_iter, task.allotted - task.trials_run)
+                        _quiet_metaschedule_console()  # both calls below reconfigure its logging
                         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                             [task.extracted], work_dir=str(path), strategy=strategy,
                             seed=config.seed + 7919 * batch + task.trials_before + task.trials_run)
@@ -612,6 +652,13 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
                           "best_ms": t.best_ms} for t in tasks],
         })
         return db, report
+
+
+def _snapshot_for(path: Path, target: Any):
+    if not (path / "database_workload.json").exists():
+        return None
+    _light_tensor_intrinsics(target)  # tuned traces may name tensor intrinsics
+    return open_snapshot(path)
 
 
 _DEFAULT_CONFIG: list[TuningConfig] = [TuningConfig()]
@@ -647,13 +694,9 @@ def database_for(prepared: Any, deployment: Deployment, target: Any, *, progress
     wants = deployment.tuning_trials > 0 or bool(deployment.tuning_time_s)
     base = {"trials": 0, "tasks": 0, "new_tasks": 0, "database": str(path)}
     if wants and deployment.spec.kind != "cpu" and not deployment.is_remote and runner is None:
-        db = open_database(path, create=False)
-        return db, {**base, "skipped": f"{deployment.device} is not measurable here; attach it through a "
-                                       "tracker to tune it"}
+        return _snapshot_for(path, target), {
+            **base, "skipped": f"{deployment.device} is not measurable here; attach it through a tracker to tune it"}
     if not wants:
-        if not (path / "database_workload.json").exists():
-            return None, base
-        with _locked(path):
-            return open_database(path, create=False), base
+        return _snapshot_for(path, target), base
     return tune(prepared, deployment, target, config=config or _DEFAULT_CONFIG[-1], runner=runner,
                 progress=progress)
