@@ -710,6 +710,10 @@ class LocalFarm:
         for proc in self.server_procs:
             self._kill(proc)
         self._kill(self.tracker_proc)
+        if self._own_logs:
+            import shutil
+
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalFarm":
         return self.start()
