@@ -700,3 +700,36 @@ def database_for(prepared: Any, deployment: Deployment, target: Any, *, progress
         return _snapshot_for(path, target), base
     return tune(prepared, deployment, target, config=config or _DEFAULT_CONFIG[-1], runner=runner,
                 progress=progress)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def register_cli(subparsers: Any) -> None:
+    """``omnic tune MODEL --trials N --time-s S``: tune a model's new tasks into the device's
+    database (``compile`` reuses them), and print what was tuned."""
+    from omnic.cli import add_model_args
+
+    p = subparsers.add_parser("tune", help="tune a model's new tasks into the device's persistent database")
+    add_model_args(p)
+    p.add_argument("--time-s", type=float, default=None, help="wall-clock budget (tasks heaviest first)")
+    p.add_argument("--per-iter", type=int, default=TuningConfig.trials_per_iter, help="trials per batch")
+    p.add_argument("--population", type=int, default=TuningConfig.population_size)
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args: Any) -> int:
+    from omnic import engine
+    from omnic.cli import _deployment_from, _emit, load_model_spec, parse_shape
+
+    if not args.trials and not args.time_s:
+        raise TuningError("give a budget: --trials N and/or --time-s SECONDS")
+    model, x = load_model_spec(args.model, parse_shape(args.input_shape))
+    deployment = _deployment_from(args).replace(tuning_time_s=args.time_s)
+    with using(TuningConfig(trials_per_iter=args.per_iter, population_size=args.population)):
+        dm = engine.compile(model, deployment, x)
+    rep = dm.report["tuning"]
+    text = (f"{rep.get('tasks', 0)} tasks: {rep.get('tasks_in_database', 0)} already in the database, "
+            f"{rep.get('tasks_tuned', 0)} tuned now with {rep['trials']} trials in {rep.get('wall_s', 0)} s"
+            f"{' (time budget spent)' if rep.get('stopped_by_time') else ''}; estimated kernel time "
+            f"{rep.get('estimated_model_ms')} ms; database {rep['database']}")
+    _emit(args, rep, text)
+    return 0

@@ -240,3 +240,10 @@ def test_remote_deployment_uses_the_rpc_runner(monkeypatch, fresh_cache):
     with tuning.using(FAST), pytest.raises(Stop):
         engine.compile(make(), d, X, check=False, progress=False)
     assert calls and calls[0][0] == "host" and int(calls[0][1].number) == FAST.number
+
+
+def test_cli_tune_needs_a_budget(capsys):
+    from omnic.cli import main
+
+    assert main(["tune", "resnet_small"]) == 2
+    assert "--trials" in capsys.readouterr().err
