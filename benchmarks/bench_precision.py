@@ -21,7 +21,7 @@ import sys
 import time
 
 
-def bench_latency(name: str, input_size: int, trials: int, threads: int) -> dict:
+def bench_latency(name: str, input_size: int, trials: int, threads: int, fp32_trials: int | None = None) -> dict:
     import torch
 
     from omnic import engine
@@ -31,7 +31,8 @@ def bench_latency(name: str, input_size: int, trials: int, threads: int) -> dict
     calib = [torch.randn_like(x) for _ in range(4)]
     row: dict = {"model": name, "input": list(x.shape), "trials": trials}
     for precision in ("fp32", "int8"):
-        dep = {"device": "host", "precision": precision, "threads": threads, "tuning_trials": trials}
+        budget = fp32_trials if (precision == "fp32" and fp32_trials is not None) else trials
+        dep = {"device": "host", "precision": precision, "threads": threads, "tuning_trials": budget}
         t0 = time.perf_counter()
         kwargs = {"calibration": calib} if precision == "int8" else {}
         dm = engine.compile(model, dep, x, progress=False, **kwargs)
@@ -40,7 +41,8 @@ def bench_latency(name: str, input_size: int, trials: int, threads: int) -> dict
         row[f"{precision}_ms"] = round(m.median_ms, 3)
         row[f"{precision}_spread"] = round(m.spread, 3)
         row[f"{precision}_max_rel_error"] = dm.report["max_rel_error"]
-        row[f"{precision}_tuning"] = {k: dm.report["tuning"].get(k) for k in ("tasks", "trials", "wall_s")}
+        row[f"{precision}_tuning"] = {k: dm.report["tuning"].get(k) for k in ("tasks", "tasks_in_database", "trials",
+                                                                            "wall_s")}
         if precision == "int8":
             row["int8_ops"] = dm.report["ops_precision"]["int8"]
             row["vnni_packed_convs"] = dm.report["quantization"].get("vnni_packed_convs")
@@ -77,6 +79,9 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
     parser.add_argument("--input", type=int, default=224)
     parser.add_argument("--trials", type=int, default=0, help="tuning trials per model and precision")
+    parser.add_argument("--fp32-trials", type=int, default=None,
+                        help="fp32 budget when it differs from --trials (e.g. 0 to reuse a database "
+                             "already tuned with the same budget)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-digits", action="store_true")
     parser.add_argument("--json", default=None)
@@ -91,7 +96,7 @@ def main() -> None:
         print("| model | input | trials | fp32 ms | int8 ms | int8/fp32 | int8 ops | packed VNNI convs | vpdpbusd |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name in args.models.split(","):
-            r = bench_latency(name, args.input, args.trials, args.threads)
+            r = bench_latency(name, args.input, args.trials, args.threads, args.fp32_trials)
             results["latency"].append(r)
             print(f"| {name} | {args.input} | {args.trials} | {r['fp32_ms']} | {r['int8_ms']} | {r['int8_over_fp32']} "
                   f"| {r['int8_ops']} | {r['vnni_packed_convs']} | {r['vpdpbusd_in_asm']} |", flush=True)

@@ -197,3 +197,12 @@ def test_onnx_qdq_model_is_accepted_and_float_onnx_is_a_clear_error(tmp_path):
     assert dm.report["max_rel_error"] < 1e-3  # vs onnxruntime running the same QDQ model
     with pytest.raises(quantize.QuantizationError, match="float ONNX"):
         engine.compile(str(fp32_path), {"device": "host", "precision": "int8"}, progress=False)
+
+
+def test_int8_cross_compiles_for_arm_with_integer_instructions():
+    model, x = _clip_model(), torch.randn(1, 3, 16, 16)
+    dm = engine.compile(model, {"device": "S888", "precision": "int8"}, x, progress=False)
+    assert dm.report["ops_precision"]["int8"] == {"conv2d": 2, "matmul": 1}
+    asm = dm.executable.mod.imports[0].inspect_source("asm")
+    # 8-bit multiply-accumulates: widening smlal/umlal or the dot-product sdot/udot
+    assert re.search(r"\b(s|u)(mlal2?|dot)\b", asm)
