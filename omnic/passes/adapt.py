@@ -120,12 +120,12 @@ class AdaptReport:
         def diff(v: float | None) -> str:
             return "-" if v is None else f"{v:.1e}"
 
-        head = f"{'pass':<24}{'nodes':>6}  {'kind':<7}{'before ms':>14}{'after ms':>14}{'max rel diff':>13}  status"
+        head = f"{'pass':<24}{'nodes':>6}  {'kind':<7}{'before ms':>17}{'after ms':>17}{'max rel diff':>13}  status"
         lines = [f"nas.adapt on {self.device} ({self.precision}), input {', '.join(map(str, self.input_shapes))}",
                  head, "-" * len(head)]
         for s in self.steps:
             lines.append(f"{s.name:<24}{len(s.nodes_changed):>6}  {'exact' if s.exact else 'approx':<7}"
-                         f"{ms(s.before_ms, s.before_noise_ms):>14}{ms(s.after_ms, s.after_noise_ms):>14}"
+                         f"{ms(s.before_ms, s.before_noise_ms):>17}{ms(s.after_ms, s.after_noise_ms):>17}"
                          f"{diff(s.max_rel_diff):>13}  {s.status}")
         lines.append("-" * len(head))
         lines.append(f"original {ms(self.original_ms, self.original_noise_ms)} ms -> adapted "
