@@ -4,6 +4,11 @@ Every pass copies its input first (like ``torch.fx.experimental.optimization.fus
 so a caller can try a rewrite, measure it, and throw it away without having touched the graph it
 started from. Passes record which nodes they changed and why they apply to the device, so the
 adaptation report can explain every decision.
+
+Passes walk the graph by hand instead of using ``torch.fx.subgraph_rewriter``: their patterns
+depend on module attributes and recorded shapes (a BatchNorm after a conv used once, a depthwise
+conv with kernel > N, a permute/LayerNorm/permute over the channel axis, channel groups through
+residual adds), which the rewriter's call_module matching (by target name) cannot express.
 """
 from __future__ import annotations
 
