@@ -18,6 +18,8 @@ scoring again and ends with the result an uninterrupted run gives.
 """
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 import math
@@ -293,6 +295,20 @@ class Searcher:
         p = self.predicted(cfg)
         return math.isnan(p) or p <= budget * (1 + self.config.latency_margin)
 
+    def export_scored(self, cfg: Mapping[str, Any]) -> torch.nn.Module:
+        """Export ``cfg`` with the BatchNorm statistics it was scored with.
+
+        Scoring recalibrates BN per subnet (and then restores the supernet's statistics); the
+        returned model must carry the recalibrated ones, or its accuracy is not the score.
+        """
+        if self.calib_loader is None or self.config.calib_batches <= 0:
+            return self.omni.export(cfg).eval()
+        from omnic.search.train import preserved_bn_stats, recalibrate_bn
+
+        with self.omni.active(cfg), preserved_bn_stats(self.omni):
+            recalibrate_bn(self.omni, self.calib_loader, self.config.calib_batches)
+            return copy.deepcopy(self.omni.export(cfg)).eval()
+
     # ------------------------------------------------------------------ expensive facts
     def score(self, cfg: Mapping[str, Any]) -> float:
         key = self.space.key(cfg)
@@ -466,7 +482,7 @@ class Searcher:
         if best is None:
             raise self._infeasible()
         cfg = best["config"]
-        model = self.omni.export(cfg).eval()
+        model = self.export_scored(cfg)
         points = self.points()
         return SearchResult(model=model, config=cfg, latency_ms=best["latency_ms"], score=best["score"],
                             deployment=asdict(self.deployment), constraints=self.constraints.to_dict(),
@@ -524,7 +540,7 @@ def random_search(omni_model: Any, constraints: Any, deployment: Any, score_fn: 
             s.score(c)
     best = s._best_verified()
     points = s.points()
-    return SearchResult(model=omni_model.export(best["config"]).eval(), config=best["config"],
+    return SearchResult(model=s.export_scored(best["config"]), config=best["config"],
                         latency_ms=best["latency_ms"], score=best["score"], deployment=asdict(s.deployment),
                         constraints=cons.to_dict(), points=points, pareto=pareto_front(points),
                         measurements=len(s.measured), wall_s=time.perf_counter() - t0, mode="random",

@@ -55,11 +55,15 @@ def test_search_meets_measured_budget(trained_supernet, digits, calib, oracle, a
     assert all(p["latency_ms"] is not None and p["score"] is not None for p in result.points)
     assert any(p["config"] == result.config for p in result.pareto)
     assert result.pareto == sorted(result.pareto, key=lambda p: p["latency_ms"])
-    omni.set_active(result.config)
+    # the returned subnet carries the BN statistics it was scored with, so its accuracy is the score
+    from omnic.search.train import preserved_bn_stats, recalibrate_bn
+
     x = omni.example_input(result.config)[0]
-    with torch.no_grad():
-        assert torch.allclose(result.model(x), omni(x), atol=1e-5)
-    omni.set_active(omni.max())
+    with omni.active(result.config), preserved_bn_stats(omni):
+        recalibrate_bn(omni, calib, SMALL["calib_batches"])
+        with torch.no_grad():
+            assert torch.allclose(result.model(x), omni(x), atol=1e-5)
+    assert accuracy_fn(digits[1])(result.model) == pytest.approx(result.score)
     paths = result.save(tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["latency_ms"] == result.latency_ms and data["pareto"]
