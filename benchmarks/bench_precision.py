@@ -1,6 +1,6 @@
 """Precision benchmark: int8 vs fp32 latency on host at the same tuning budget, and digits accuracy.
 
-usage: python benchmarks/bench_precision.py [--models resnet18,mobilenet_v2] [--trials 0]
+usage: python benchmarks/bench_precision.py [--models resnet18,mobilenet_v2,conv3x3] [--trials 0]
                                             [--input 224] [--threads 2] [--no-digits] [--json out.json]
 
 Latency: each model is compiled for ``host`` in fp32 and in int8 with the same MetaSchedule
@@ -27,7 +27,12 @@ def bench_latency(name: str, input_size: int, trials: int, threads: int, fp32_tr
     from omnic import engine
     from omnic.zoo import get_model
 
-    model, x = get_model(name, input_shape=(1, 3, input_size, input_size))
+    if name == "conv3x3":  # one ResNet-18 layer-1 conv (+ReLU), 64->64 at 56x56: the kernel alone
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).eval()
+        x = torch.randn(1, 64, 56, 56)
+    else:
+        model, x = get_model(name, input_shape=(1, 3, input_size, input_size))
     calib = [torch.randn_like(x) for _ in range(4)]
     row: dict = {"model": name, "input": list(x.shape), "trials": trials}
     for precision in ("fp32", "int8"):

@@ -11,16 +11,21 @@ The flow (``engine.compile(model, {"precision": "int8"}, x, calibration=batches)
 2. :func:`quantize_relax` (called by ``compiler.prepare``) rewrites every conv2d / matmul whose
    weight is a constant into
 
-   ``quantize(x) -> conv2d/matmul(int8|uint8 x int8 -> int32) -> astype(float32) * (s_x * s_w[o])``
+   ``q(x) -> conv2d/matmul(int8|uint8 x int8 -> int32) -> astype(float32) * (s_x * s_w[o])``
 
-   with per-output-channel symmetric int8 weights. The requantization is an fp32 scale multiply
-   that FuseOps fuses, together with the bias, the activation and the *next* layer's quantize,
-   into the integer kernel's epilogue, so the tensors between layers are int8. Activations that
+   where ``q(x) = clamp(round(x / s_x))`` cast to 8 bits (elementwise ops, which keep NHWC
+   through ConvertLayout), with per-output-channel symmetric int8 weights. The requantization is
+   an fp32 scale multiply that FuseOps fuses, together with the bias, the activation and the
+   *next* layer's quantize, into the integer kernel's epilogue, so the tensors between layers are int8. Activations that
    are never negative (after ReLU) are quantized to uint8 (one more bit, and the u8 x s8 operand
    order that x86 VNNI wants); the others are symmetric int8.
    Everything else (pooling, residual adds, softmax...) stays in fp32, which keeps it correct.
 3. ``integer=False`` produces the *simulated* form instead (quantize -> dequantize -> fp32 conv
    with dequantized weights), the reference the integer form is tested against.
+4. On x86 VNNI devices, :func:`pack_vnni` (after layout conversion) writes the NHWC int8 convs
+   over packed weights so that MetaSchedule tensorizes them with ``vpdpbusd``.
+
+ONNX models that arrive quantized (QDQ) run as imported (:data:`ONNX_QDQ`): simulated int8.
 """
 from __future__ import annotations
 
@@ -423,7 +428,7 @@ def quantize_relax(mod: Any, calibration: Calibration | str | None, *, config: Q
 
     @mutator
     class _Quantizer(PyExprMutator):
-        def _act(self, x: Any, stats: LayerStats | None, axis: int) -> tuple[Any, float, str]:
+        def _act(self, x: Any, stats: LayerStats | None) -> tuple[Any, float, str]:
             if stats is None:
                 scale, dtype = UNCALIBRATED_SCALE, "int8"
             else:
@@ -459,7 +464,7 @@ def quantize_relax(mod: Any, calibration: Calibration | str | None, *, config: Q
                 count("float32", "conv2d")
                 return call
             w_q, s_w = quantize_weight(w, axis=0)
-            x_q, s_x, dtype = self._act(call.args[0], stats, axis=1)
+            x_q, s_x, dtype = self._act(call.args[0], stats)
             kw = dict(strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation, groups=attrs.groups,
                       data_layout="NCHW", kernel_layout="OIHW", out_layout=attrs.out_layout)
             if config.integer:
@@ -488,7 +493,7 @@ def quantize_relax(mod: Any, calibration: Calibration | str | None, *, config: Q
                 count("float32", "matmul")
                 return call
             w_q, s_w = quantize_weight(w, axis=1)
-            x_q, s_x, dtype = self._act(x, stats, axis=-1)
+            x_q, s_x, dtype = self._act(x, stats)
             if config.integer:
                 acc = self.builder_.emit(relax.op.matmul(x_q, relax.const(w_q), out_dtype="int32"))
                 out = self.builder_.emit(relax.op.astype(acc, "float32"))
