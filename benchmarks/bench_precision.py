@@ -98,12 +98,14 @@ def main() -> None:
     results: dict = {"machine": machine_line(), "threads": args.threads, "latency": [], "digits": None}
     print(f"machine: {results['machine']}; threads {args.threads}; tuning trials per model: {args.trials}")
     if args.models:
-        print("| model | input | trials | fp32 ms | int8 ms | int8/fp32 | int8 ops | packed VNNI convs | vpdpbusd |")
+        print("| model | input (CxHxW) | trials | fp32 ms | int8 ms | int8/fp32 | int8 ops "
+              "| packed VNNI convs | vpdpbusd |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name in args.models.split(","):
             r = bench_latency(name, args.input, args.trials, args.threads, args.fp32_trials)
             results["latency"].append(r)
-            print(f"| {name} | {args.input} | {args.trials} | {r['fp32_ms']} | {r['int8_ms']} | {r['int8_over_fp32']} "
+            shape = "x".join(map(str, r["input"][1:]))
+            print(f"| {name} | {shape} | {args.trials} | {r['fp32_ms']} | {r['int8_ms']} | {r['int8_over_fp32']} "
                   f"| {r['int8_ops']} | {r['vnni_packed_convs']} | {r['vpdpbusd_in_asm']} |", flush=True)
     if not args.no_digits:
         d = bench_digits()

@@ -91,7 +91,8 @@ class QuantConfig:
             return cls(method=value)
         if isinstance(value, dict):
             return cls(**value)
-        raise QuantizationError(f"quantization must be a QuantConfig, a dict or a method name, got {type(value).__name__}")
+        raise QuantizationError(
+            f"quantization must be a QuantConfig, a dict or a method name, got {type(value).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
