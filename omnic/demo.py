@@ -28,6 +28,7 @@ class DemoConfig:
         image_size: Digits are resized to this many pixels per side.
         width: Base width of the residual CNN.
         epochs: Training epochs of the base model.
+        lr: Peak SGD learning rate of the base model.
         supernet_epochs: Sandwich-rule epochs of the AutoNAS supernet.
         finetune_epochs: Fine-tuning epochs after FastNAS pruning.
         budgets: Latency budgets as fractions of the base model's measured latency.
@@ -38,9 +39,10 @@ class DemoConfig:
     """
 
     out_dir: str = "omnic-report"
-    image_size: int = 32
+    image_size: int = 16
     width: int = 16
-    epochs: int = 4
+    epochs: int = 6
+    lr: float = 0.05
     supernet_epochs: int = 4
     finetune_epochs: int = 1
     budgets: tuple[float, ...] = (0.8, 0.6)
@@ -135,14 +137,14 @@ def run_demo(config: DemoConfig = DemoConfig(), *, say: Callable[[str], None] = 
     score = lambda m: accuracy(m, val_loader)  # noqa: E731
     weights_dir = cache_root() / "demo"
     weights_dir.mkdir(parents=True, exist_ok=True)
-    base_key = _weights_key("base", config.image_size, config.width, config.epochs, config.seed)
+    base_key = _weights_key("base", config.image_size, config.width, config.epochs, config.lr, config.seed)
     base = DigitsResNet(width=config.width)
     base_path = weights_dir / f"base-{base_key}.pt"
     if base_path.exists():
         base.load_state_dict(torch.load(base_path))
         reused.append("trained base weights")
     else:
-        train_plain(base, train_loader, epochs=config.epochs, seed=config.seed)
+        train_plain(base, train_loader, epochs=config.epochs, lr=config.lr, seed=config.seed)
         torch.save(base.state_dict(), base_path)
     base.eval()
     base_acc = score(base)
@@ -269,7 +271,9 @@ def _plot(rows: list[dict[str, Any]], points: list[dict[str, Any]], path: Path) 
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = ["# omnic demo report", "",
+    kernels = ("untuned TVM kernels (tuning_trials=0; `omnic demo --trials N` tunes them)"
+               if not report["config"]["tuning_trials"] else f"{report['config']['tuning_trials']} tuning trials")
+    lines = ["# omnic demo report", "", f"Latencies are compiled and measured on this machine with {kernels}.", "",
              f"host, {report['threads']} threads; base latency {report['base_latency_ms']:.3f} ms; budgets "
              f"{report['budgets_ms']} ms; wall time {report['wall_s']} s", "",
              "| model | accuracy | omnic ms | PyTorch eager ms | ONNX Runtime ms | omnic/ORT | params | max rel err |",
