@@ -33,18 +33,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_line, per_call_ms  # noqa: E402
-
-
-def ort_session(model: torch.nn.Module, x: torch.Tensor, threads: int, tmp: str):
-    import onnxruntime as ort
-
-    path = os.path.join(tmp, "m.onnx")
-    torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+from omnic.baselines import onnxruntime_session  # noqa: E402
 
 
 def bench_model(name: str, budget_s: float, threads: int, rounds: int, config, min_time_s: float) -> dict:
@@ -65,8 +54,7 @@ def bench_model(name: str, budget_s: float, threads: int, rounds: int, config, m
 
     torch.set_num_threads(threads)
     x_np = x.numpy()
-    with tempfile.TemporaryDirectory() as tmp:
-        sess = ort_session(model, x, threads, tmp)
+    sess = onnxruntime_session(model, x, threads)
     feed = {"x": x_np}
     with torch.inference_mode():
         ref = model(x).numpy()

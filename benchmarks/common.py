@@ -7,48 +7,18 @@ timer is reported beside it so the Python overhead is visible.
 from __future__ import annotations
 
 import os
-import statistics
-import tempfile
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-
-def per_call_ms(fn: Callable[[], Any], *, min_time_s: float = 1.0, min_calls: int = 10, warmup: int = 3) -> float:
-    """Median of per-call wall times over at least ``min_time_s`` (after warm-up)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))
-
-
-def torch_eager_ms(model: torch.nn.Module, x: torch.Tensor, threads: int) -> float:
-    torch.set_num_threads(threads)
-    with torch.inference_mode():
-        return per_call_ms(lambda: model(x))
+from omnic.baselines import onnxruntime_session, per_call_ms, torch_eager_ms  # noqa: F401
 
 
 def onnxruntime_ms(model: torch.nn.Module, x: torch.Tensor, threads: int) -> tuple[float, np.ndarray]:
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.onnx")
-        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    sess = onnxruntime_session(model, x, threads)
     feed = {"x": x.numpy()}
-    out = sess.run(None, feed)[0]
-    return per_call_ms(lambda: sess.run(None, feed)), out
+    return per_call_ms(lambda: sess.run(None, feed)), sess.run(None, feed)[0]
 
 
 def omnic_ms(device_model: Any, x: torch.Tensor) -> tuple[float, float]:

@@ -69,36 +69,10 @@ class _Steps:
 
 
 def _eager_and_ort(model: Any, x: Any, threads: int) -> dict[str, float]:
-    import statistics
-    import tempfile
+    from omnic.baselines import onnxruntime_ms, torch_eager_ms
 
-    import onnxruntime as ort
-    import torch
-
-    def per_call(fn: Callable[[], Any]) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        start = time.perf_counter()
-        while len(times) < 20 or time.perf_counter() - start < 0.5:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return float(statistics.median(times))
-
-    torch.set_num_threads(threads)
-    model = model.eval()
-    with torch.inference_mode():
-        eager = per_call(lambda: model(x))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.onnx")
-        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    feed = {"x": x.numpy()}
-    return {"pytorch_eager_ms": eager, "onnxruntime_ms": per_call(lambda: sess.run(None, feed))}
+    return {"pytorch_eager_ms": torch_eager_ms(model, x, threads, min_time_s=0.5, min_calls=20),
+            "onnxruntime_ms": onnxruntime_ms(model, x, threads, min_time_s=0.5, min_calls=20)}
 
 
 def _weights_key(*parts: Any) -> str:
