@@ -51,6 +51,17 @@ class ElasticMixin:
     in_segments: Segments
     out_segments: Segments
 
+    @classmethod
+    def _adopt(cls, m: nn.Module):
+        """A new elastic module sharing ``m``'s parameters and buffers (no copy, no re-init), so
+        the supernet trains the user's weights in place."""
+        new = cls.__new__(cls)
+        new.__dict__ = m.__dict__.copy()
+        new._parameters = dict(m._parameters)
+        new._buffers = dict(m._buffers)
+        new._modules = dict(m._modules)
+        return new
+
     def _init_elastic(self, in_segments: Segments, out_segments: Segments) -> None:
         self.in_segments = tuple(in_segments)
         self.out_segments = tuple(out_segments)
@@ -74,11 +85,7 @@ class ElasticConv2d(ElasticMixin, nn.Conv2d):
     @classmethod
     def from_module(cls, m: nn.Conv2d, in_segments: Segments, out_segments: Segments,
                     kernel_choice: str | None = None) -> "ElasticConv2d":
-        new = cls.__new__(cls)
-        new.__dict__ = m.__dict__.copy()
-        new._parameters = dict(m._parameters)
-        new._buffers = dict(m._buffers)
-        new._modules = dict(m._modules)
+        new = cls._adopt(m)
         new._init_elastic(in_segments, out_segments)
         new.kernel_choice = kernel_choice
         new.active_kernel = m.kernel_size[0]
@@ -136,11 +143,7 @@ class ElasticBatchNorm2d(ElasticMixin, nn.BatchNorm2d):
 
     @classmethod
     def from_module(cls, m: nn.BatchNorm2d, segments: Segments) -> "ElasticBatchNorm2d":
-        new = cls.__new__(cls)
-        new.__dict__ = m.__dict__.copy()
-        new._parameters = dict(m._parameters)
-        new._buffers = dict(m._buffers)
-        new._modules = dict(m._modules)
+        new = cls._adopt(m)
         new._init_elastic(segments, segments)
         return new
 
@@ -185,11 +188,7 @@ class ElasticLinear(ElasticMixin, nn.Linear):
 
     @classmethod
     def from_module(cls, m: nn.Linear, in_segments: Segments, out_segments: Segments) -> "ElasticLinear":
-        new = cls.__new__(cls)
-        new.__dict__ = m.__dict__.copy()
-        new._parameters = dict(m._parameters)
-        new._buffers = dict(m._buffers)
-        new._modules = dict(m._modules)
+        new = cls._adopt(m)
         new._init_elastic(in_segments, out_segments)
         return new
 
