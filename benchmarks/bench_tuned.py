@@ -23,17 +23,13 @@ if __name__ == "__main__":  # TVM reads the thread count once, at start-up
     os.environ.setdefault("TVM_NUM_THREADS", _threads)
 
 import json  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_line, per_call_ms  # noqa: E402
-from omnic.baselines import onnxruntime_session  # noqa: E402
+from benchmarks.common import machine_line, side_by_side  # noqa: E402
 
 
 def bench_model(name: str, budget_s: float, threads: int, rounds: int, config, min_time_s: float) -> dict:
@@ -52,34 +48,12 @@ def bench_model(name: str, budget_s: float, threads: int, rounds: int, config, m
           f"{dm.report['kernels_scheduled'] + dm.report['kernels_unscheduled']}, "
           f"max_rel_error {dm.report['max_rel_error']:.2e}", flush=True)
 
-    torch.set_num_threads(threads)
-    x_np = x.numpy()
-    sess = onnxruntime_session(model, x, threads)
-    feed = {"x": x_np}
-    with torch.inference_mode():
-        ref = model(x).numpy()
-    ort_err = float(np.abs(sess.run(None, feed)[0] - ref).max() / np.abs(ref).max())
-    samples: dict[str, list[float]] = {"omnic": [], "omnic_native": [], "ort": [], "torch": []}
-    for r in range(rounds):
-        with torch.inference_mode():
-            samples["torch"].append(per_call_ms(lambda: model(x), min_time_s=min_time_s))
-        time.sleep(1.0)
-        samples["ort"].append(per_call_ms(lambda: sess.run(None, feed), min_time_s=min_time_s))
-        time.sleep(1.0)
-        samples["omnic"].append(per_call_ms(lambda: dm(x), min_time_s=min_time_s))
-        samples["omnic_native"].append(float(dm.measure().median_ms))
-        time.sleep(1.0)
-        print(f"[{name}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f} ms" for k, v in samples.items()),
-              flush=True)
-    med = {k: float(statistics.median(v)) for k, v in samples.items()}
+    res = side_by_side(model, x, dm, threads=threads, rounds=rounds, min_time_s=min_time_s, label=name)
     return {
         "model": name, "budget_s": budget_s, "threads": threads, "compile_s": round(compile_s, 1),
         "tuning": {k: rep.get(k) for k in ("tasks", "tasks_in_database", "tasks_tuned", "trials", "wall_s",
                                           "stopped_by_time", "estimated_model_ms", "database")},
-        "max_rel_error": dm.report["max_rel_error"], "ort_rel_error": ort_err,
-        "median_ms": med, "rounds_ms": samples,
-        "ratio_omnic_ort": med["omnic"] / med["ort"], "ratio_native_ort": med["omnic_native"] / med["ort"],
-        "ratio_omnic_torch": med["omnic"] / med["torch"],
+        "max_rel_error": dm.report["max_rel_error"], **res,
     }
 
 

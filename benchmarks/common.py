@@ -7,6 +7,8 @@ timer is reported beside it so the Python overhead is visible.
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from typing import Any
 
 import numpy as np
@@ -40,3 +42,36 @@ def machine_line() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}, "
             f"load avg {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+
+
+def side_by_side(model: torch.nn.Module, x: torch.Tensor, device_model: Any, *, threads: int, rounds: int = 3,
+                 min_time_s: float = 1.0, label: str = "") -> dict[str, Any]:
+    """PyTorch eager, ONNX Runtime and omnic on one input, in ``rounds`` interleaved rounds.
+
+    Each framework sleeps a second before its turn so that none runs in another's scheduler or
+    thermal wake. Returns the per-round samples, their medians, the run-to-run spread of each
+    framework ((max - min) / median over the rounds) and the ratios of the medians.
+    """
+    torch.set_num_threads(threads)
+    sess = onnxruntime_session(model, x, threads)
+    feed = {"x": x.numpy()}
+    with torch.inference_mode():
+        ref = model(x).numpy()
+    ort_err = float(np.abs(sess.run(None, feed)[0] - ref).max() / np.abs(ref).max())
+    samples: dict[str, list[float]] = {"omnic": [], "omnic_native": [], "ort": [], "torch": []}
+    for r in range(rounds):
+        with torch.inference_mode():
+            samples["torch"].append(per_call_ms(lambda: model(x), min_time_s=min_time_s))
+        time.sleep(1.0)
+        samples["ort"].append(per_call_ms(lambda: sess.run(None, feed), min_time_s=min_time_s))
+        time.sleep(1.0)
+        samples["omnic"].append(per_call_ms(lambda: device_model(x), min_time_s=min_time_s))
+        samples["omnic_native"].append(float(device_model.measure().median_ms))
+        time.sleep(1.0)
+        print(f"[{label}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f} ms" for k, v in samples.items()),
+              flush=True)
+    med = {k: float(statistics.median(v)) for k, v in samples.items()}
+    spread = {k: (max(v) - min(v)) / med[k] for k, v in samples.items()}
+    return {"median_ms": med, "rounds_ms": samples, "spread": spread, "ort_rel_error": ort_err,
+            "ratio_omnic_ort": med["omnic"] / med["ort"], "ratio_native_ort": med["omnic_native"] / med["ort"],
+            "ratio_omnic_torch": med["omnic"] / med["torch"]}

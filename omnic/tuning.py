@@ -9,13 +9,16 @@ How a compile uses it (``engine.compile`` -> :func:`database_for`):
    shared by every model: workloads are keyed by the structure of the fused PrimFunc (shapes
    included, weights not), so a second compile of a model tunes nothing and a model sharing layers
    with an earlier one tunes only its new tasks.
-3. Tasks are tuned in passes, heaviest first (FLOPs x occurrences): each pass gives every
-   unfinished task one batch, until each has its share of the trial budget or the time budget
-   (``Deployment.tuning_time_s``) is spent, so a short budget buys coverage of the heavy tasks
-   first. One MetaSchedule job per batch (instead of one job over all tasks) makes records reach
-   the disk after every batch: MetaSchedule's gradient scheduler commits nothing until every task
-   has had its first batch (minutes for a real network), and it lets the deadline be checked
-   between batches.
+3. Every task first gets one batch, heaviest first (FLOPs x occurrences), so a short budget buys
+   coverage of the heavy tasks first (an untuned kernel is ~40x slower than a tuned one). After
+   that each batch goes to the task that costs the model the most time per batch it has already
+   had (best latency x occurrences / batches so far): batches end up proportional to a task's
+   share of the model's latency, which is where trials pay (a 1 ms conv is worth ten times the
+   trials of a 0.1 ms pool). Tuning stops when every task has its share of the trial budget or
+   the time budget (``Deployment.tuning_time_s``) is spent. One MetaSchedule job per batch
+   (instead of one job over all tasks) makes records reach the disk after every batch:
+   MetaSchedule's gradient scheduler commits nothing until every task has had its first batch
+   (minutes for a real network), and it lets the deadline be checked between batches.
 
 Interrupted runs (``kill -9`` included): ``JSONDatabase`` appends each record as it commits, so
 every finished batch survives. A small ledger next to the database (``omnic_tasks.json``, written
@@ -74,7 +77,8 @@ class TuningConfig:
         min_repeat_ms: Minimum duration of one measurement (swamps timer noise on tiny kernels).
         skip_prefixes: Task names that are not worth a trial (pure data movement with no loops to
             schedule). They stay untuned and are reported as skipped.
-        seconds_per_trial: Estimated cost of one trial, used to turn a time-only budget into trials.
+        seconds_per_trial: A low estimate of the cost of one trial, used to turn a time-only budget
+            into a trial cap (the deadline, not the cap, should end a time-budgeted run).
         cost_model: ``"xgb"`` (MetaSchedule's XGBoost model, retrained after every batch) or
             ``"random"`` (no model: saves the seconds of retraining per batch when the budget is
             so small that XGBoost never leaves its warm-up anyway).
@@ -90,7 +94,7 @@ class TuningConfig:
     number: int = 3
     min_repeat_ms: float = 40.0
     skip_prefixes: tuple[str, ...] = ("reshape",)
-    seconds_per_trial: float = 0.6
+    seconds_per_trial: float = 0.3
     cost_model: str = "xgb"
     seed: int = 0
 
@@ -117,12 +121,28 @@ class _Task:
     trials_before: int = 0
     allotted: int = 0
     trials_run: int = 0
+    batches: int = 0
     best_ms: float | None = None
     complete: bool = False
 
     @property
     def heaviness(self) -> float:
         return self.flops * self.weight
+
+    @property
+    def cost_per_batch(self) -> float:
+        """The model time this task stands for, per batch it has had (its claim on the next one)."""
+        if self.best_ms is None:  # every candidate failed so far: no claim beyond its first batch
+            return 0.0
+        return self.best_ms * self.weight / max(1, self.batches)
+
+
+def _next_task(active: Sequence[_Task]) -> _Task:
+    """First batch for every task (in the planned, heaviest-first order), then the costliest."""
+    for task in active:
+        if task.batches == 0:
+            return task
+    return max(active, key=lambda t: t.cost_per_batch)
 
 
 @dataclass
@@ -598,45 +618,44 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
             strategy = ms.search_strategy.EvolutionarySearch(population_size=config.population_size,
                                                              genetic_num_iters=config.genetic_num_iters)
             try:
-                # passes: every task gets a batch (heaviest first) before any gets a second, so a
-                # time budget buys coverage first (an untuned kernel is ~40x slower than a tuned
-                # one) and depth after. One MetaSchedule job per batch: the deadline is checked
-                # between batches (terminating a task from a callback trips MetaSchedule's own
-                # bookkeeping) and each job's search is seeded with the task's best records.
+                # One MetaSchedule job per batch: the deadline is checked between batches
+                # (terminating a task from a callback trips MetaSchedule's own bookkeeping) and each
+                # job's search is seeded with the task's best records.
                 batch = 0
-                while not state.stopped_by_time:
+                while True:
                     active = [t for t in planned if not t.complete]
                     if not active:
                         break
-                    for task in active:
-                        # the very first batch always runs, so that even a budget shorter than
-                        # one batch makes progress across repeated compiles
-                        if batch > 0 and state.deadline is not None and time.monotonic() >= state.deadline:
-                            state.stopped_by_time = True
-                            break
-                        state.task = task
-                        if state.bar is not None:
-                            state.bar.set_description(
-                                f"task {planned.index(task) + 1}/{len(planned)} {task.name}", refresh=True)
-                        n = min(config.trials_per_iter, task.allotted - task.trials_run)
-                        _quiet_metaschedule_console()  # both calls below reconfigure its logging
-                        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                            [task.extracted], work_dir=str(path), strategy=strategy,
-                            seed=config.seed + 7919 * batch + task.trials_before + task.trials_run)
-                        before = task.trials_run
-                        ms.tune.tune_tasks(
-                            tasks=ctxs, task_weights=weights, work_dir=str(path), max_trials_global=n,
-                            max_trials_per_task=n, num_trials_per_iter=n, builder=builder, runner=runner_obj,
-                            database=db, cost_model=cost_model, measure_callbacks=callbacks,
-                            task_scheduler="round-robin")
-                        batch += 1
-                        # allotment reached, or the search space ran dry: done for good
-                        if task.trials_run >= task.allotted or task.trials_run == before:
-                            task.complete = True
-                            entry = ledger["tasks"].setdefault(task.key, {"name": task.name})
-                            entry.update(trials=task.trials_before + task.trials_run, complete=True,
-                                         best_ms=task.best_ms)
-                            _write_ledger(ledger_path, ledger)
+                    # the very first batch always runs, so that even a budget shorter than one
+                    # batch makes progress across repeated compiles
+                    if batch > 0 and state.deadline is not None and time.monotonic() >= state.deadline:
+                        state.stopped_by_time = True
+                        break
+                    task = _next_task(active)
+                    state.task = task
+                    if state.bar is not None:
+                        state.bar.set_description(
+                            f"task {planned.index(task) + 1}/{len(planned)} {task.name}", refresh=True)
+                    n = min(config.trials_per_iter, task.allotted - task.trials_run)
+                    _quiet_metaschedule_console()  # both calls below reconfigure its logging
+                    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                        [task.extracted], work_dir=str(path), strategy=strategy,
+                        seed=config.seed + 7919 * batch + task.trials_before + task.trials_run)
+                    before = task.trials_run
+                    ms.tune.tune_tasks(
+                        tasks=ctxs, task_weights=weights, work_dir=str(path), max_trials_global=n,
+                        max_trials_per_task=n, num_trials_per_iter=n, builder=builder, runner=runner_obj,
+                        database=db, cost_model=cost_model, measure_callbacks=callbacks,
+                        task_scheduler="round-robin")
+                    batch += 1
+                    task.batches += 1
+                    # allotment reached, or the search space ran dry: done for good
+                    if task.trials_run >= task.allotted or task.trials_run == before:
+                        task.complete = True
+                        entry = ledger["tasks"].setdefault(task.key, {"name": task.name})
+                        entry.update(trials=task.trials_before + task.trials_run, complete=True,
+                                     best_ms=task.best_ms)
+                        _write_ledger(ledger_path, ledger)
             finally:
                 if state.bar is not None:
                     state.bar.close()
@@ -649,7 +668,7 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
             "estimated_model_ms": _model_estimate_ms(tasks),
             "per_task": [{"name": t.name, "weight": t.weight, "flops": t.flops, "status": t.status,
                           "trials_before": t.trials_before, "trials_run": t.trials_run,
-                          "best_ms": t.best_ms} for t in tasks],
+                          "batches": t.batches, "best_ms": t.best_ms} for t in tasks],
         })
         return db, report
 

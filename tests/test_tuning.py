@@ -247,3 +247,22 @@ def test_cli_tune_needs_a_budget(capsys):
 
     assert main(["tune", "resnet_small"]) == 2
     assert "--trials" in capsys.readouterr().err
+
+
+def test_batches_go_to_the_costliest_task_after_one_each():
+    """After one batch per task (heaviest first), batches follow each task's share of model time."""
+    from omnic.tuning import _next_task, _Task
+
+    conv = _Task(name="conv", key="a", weight=2, flops=10.0, extracted=None)  # 2 x 1.0 ms
+    pool = _Task(name="pool", key="b", weight=1, flops=1.0, extracted=None)  # 0.2 ms
+    broken = _Task(name="broken", key="c", weight=1, flops=0.5, extracted=None)  # every build fails
+    latency = {"conv": 1.0, "pool": 0.2, "broken": None}
+    order = []
+    for _ in range(14):
+        task = _next_task([conv, pool, broken])
+        order.append(task.name)
+        task.batches += 1
+        task.best_ms = latency[task.name]
+    assert order[:3] == ["conv", "pool", "broken"]  # coverage first, in the planned order
+    assert broken.batches == 1  # no measured latency: no claim beyond its first batch
+    assert conv.batches >= 5 * pool.batches  # 2 ms of model time vs 0.2 ms
