@@ -21,10 +21,11 @@ import sys
 import time
 
 
-def bench_latency(name: str, input_size: int, trials: int, threads: int, fp32_trials: int | None = None) -> dict:
+def bench_latency(name: str, input_size: int, trials: int, threads: int, fp32_trials: int | None = None,
+                  time_s: float | None = None) -> dict:
     import torch
 
-    from omnic import engine
+    from omnic import engine, tuning
     from omnic.zoo import get_model
 
     if name == "conv3x3":  # one ResNet-18 layer-1 conv (+ReLU), 64->64 at 56x56: the kernel alone
@@ -34,20 +35,25 @@ def bench_latency(name: str, input_size: int, trials: int, threads: int, fp32_tr
     else:
         model, x = get_model(name, input_shape=(1, 3, input_size, input_size))
     calib = [torch.randn_like(x) for _ in range(4)]
-    row: dict = {"model": name, "input": list(x.shape), "trials": trials}
+    row: dict = {"model": name, "input": list(x.shape), "trials": trials, "time_s": time_s}
+    # a time budget uses the cheaper search of the tuned-latency benchmarks (more trials per minute)
+    config = tuning.TuningConfig(trials_per_iter=8, population_size=64, genetic_num_iters=1) if time_s \
+        else tuning.TuningConfig()
     for precision in ("fp32", "int8"):
         budget = fp32_trials if (precision == "fp32" and fp32_trials is not None) else trials
-        dep = {"device": "host", "precision": precision, "threads": threads, "tuning_trials": budget}
+        dep = {"device": "host", "precision": precision, "threads": threads, "tuning_trials": budget,
+               "tuning_time_s": time_s}
         t0 = time.perf_counter()
         kwargs = {"calibration": calib} if precision == "int8" else {}
-        dm = engine.compile(model, dep, x, progress=False, **kwargs)
+        with tuning.using(config):
+            dm = engine.compile(model, dep, x, progress=False, **kwargs)
         row[f"{precision}_compile_s"] = round(time.perf_counter() - t0, 1)
         m = dm.measure()
         row[f"{precision}_ms"] = round(m.median_ms, 3)
         row[f"{precision}_spread"] = round(m.spread, 3)
         row[f"{precision}_max_rel_error"] = dm.report["max_rel_error"]
         row[f"{precision}_tuning"] = {k: dm.report["tuning"].get(k) for k in ("tasks", "tasks_in_database", "trials",
-                                                                            "wall_s")}
+                                                                            "wall_s", "stopped_by_time")}
         if precision == "int8":
             row["int8_ops"] = dm.report["ops_precision"]["int8"]
             row["vnni_packed_convs"] = dm.report["quantization"].get("vnni_packed_convs")
@@ -87,6 +93,8 @@ def main() -> None:
     parser.add_argument("--fp32-trials", type=int, default=None,
                         help="fp32 budget when it differs from --trials (e.g. 0 to reuse a database "
                              "already tuned with the same budget)")
+    parser.add_argument("--time-s", type=float, default=None,
+                        help="tuning time budget per model and precision (instead of a trial budget)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-digits", action="store_true")
     parser.add_argument("--json", default=None)
@@ -96,16 +104,18 @@ def main() -> None:
     from common import machine_line
 
     results: dict = {"machine": machine_line(), "threads": args.threads, "latency": [], "digits": None}
-    print(f"machine: {results['machine']}; threads {args.threads}; tuning trials per model: {args.trials}")
+    budget = f"{args.time_s:g} s" if args.time_s else f"{args.trials} trials"
+    print(f"machine: {results['machine']}; threads {args.threads}; tuning budget per model and precision: {budget}")
     if args.models:
-        print("| model | input (CxHxW) | trials | fp32 ms | int8 ms | int8/fp32 | int8 ops "
+        print("| model | input (CxHxW) | budget | trials fp32 / int8 | fp32 ms | int8 ms | int8/fp32 | int8 ops "
               "| packed VNNI convs | vpdpbusd |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name in args.models.split(","):
-            r = bench_latency(name, args.input, args.trials, args.threads, args.fp32_trials)
+            r = bench_latency(name, args.input, args.trials, args.threads, args.fp32_trials, args.time_s)
             results["latency"].append(r)
             shape = "x".join(map(str, r["input"][1:]))
-            print(f"| {name} | {shape} | {args.trials} | {r['fp32_ms']} | {r['int8_ms']} | {r['int8_over_fp32']} "
+            print(f"| {name} | {shape} | {budget} | {r['fp32_tuning']['trials']} / {r['int8_tuning']['trials']} "
+                  f"| {r['fp32_ms']} | {r['int8_ms']} | {r['int8_over_fp32']} "
                   f"| {r['int8_ops']} | {r['vnni_packed_convs']} | {r['vpdpbusd_in_asm']} |", flush=True)
     if not args.no_digits:
         d = bench_digits()
