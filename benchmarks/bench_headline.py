@@ -272,10 +272,6 @@ def run_section(name: str, args: argparse.Namespace, out: Path) -> dict:
     return res
 
 
-def _fmt(v: float | None, spec: str = ".2f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
 def report(args: argparse.Namespace, out: Path) -> str:
     r = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     lines = [f"# omnic headline figures (`host`, {args.threads} threads, batch 1)", ""]
@@ -390,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {machine_line()}", flush=True)
     env = {**os.environ, "TVM_NUM_THREADS": str(args.threads)}
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     failed = []
     for name in _sections(args):
         if args.only and not any(name.startswith(o) for o in args.only):
