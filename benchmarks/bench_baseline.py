@@ -25,8 +25,8 @@ def main() -> None:
     from omnic.zoo import ZOO, get_model
 
     print(f"machine: {machine_line()}; threads {args.threads}; omnic untuned (tuning_trials=0)")
-    header = (f"| model | input | omnic per call ms | omnic native ms | PyTorch eager ms | ONNX Runtime ms "
-              f"| omnic/ORT | omnic/eager | max rel err | compile s |")
+    header = ("| model | input | omnic per call ms | omnic native ms | PyTorch eager ms | ONNX Runtime ms "
+              "| omnic/ORT | omnic/eager | max rel err | compile s |")
     print(header)
     print("|" + "---|" * 10)
     for name in args.models.split(","):

@@ -16,7 +16,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 
 from omnic.oracle import predictor as P
 

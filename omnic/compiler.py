@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from omnic.errors import CompileError, TraceError, UnsupportedOperatorError, UnsupportedPrecisionError
+from omnic.errors import CompileError, TraceError, UnsupportedOperatorError
 from omnic.ir import TracedModel
 from omnic.targets import DeviceSpec
 
