@@ -65,7 +65,7 @@ def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
     run_root = cache / "run"
     os.environ["OMNIC_CACHE_DIR"] = str(run_root)
     model, x = zoo.get_model(model_name)
-    config = tuning.TuningConfig(builder="inproc", trials_per_iter=args.per_iter, population_size=args.population,
+    config = tuning.TuningConfig(builder=args.builder, trials_per_iter=args.per_iter, population_size=args.population,
                                  genetic_num_iters=args.genetic_iters)
     deployment = Deployment(device="host", threads=args.threads, tuning_trials=0, tuning_time_s=60.0 * marks[-1])
 
@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-iter", type=int, default=8)
     ap.add_argument("--population", type=int, default=64)
     ap.add_argument("--genetic-iters", type=int, default=1)
+    ap.add_argument("--builder", default="auto", choices=("auto", "inproc", "pool", "local"))
     ap.add_argument("--oracle-candidates", type=int, default=12)
     ap.add_argument("--oracle-trials", type=int, default=32, help="tuning trials per candidate (cold pass)")
     ap.add_argument("--oracle-repeat", type=int, default=5)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time-s", type=float, default=1.0, help="timed calls per framework per round")
-    ap.add_argument("--builder", default="inproc", choices=("inproc", "pool", "local"))
+    ap.add_argument("--builder", default="auto", choices=("auto", "inproc", "pool", "local"))
     ap.add_argument("--per-iter", type=int, default=16, help="trials per batch")
     ap.add_argument("--population", type=int, default=256, help="evolutionary search population")
     ap.add_argument("--genetic-iters", type=int, default=2, help="evolutionary search genetic iterations")

@@ -266,3 +266,23 @@ def test_batches_go_to_the_costliest_task_after_one_each():
     assert order[:3] == ["conv", "pool", "broken"]  # coverage first, in the planned order
     assert broken.batches == 1  # no measured latency: no claim beyond its first batch
     assert conv.batches >= 5 * pool.batches  # 2 ms of model time vs 0.2 ms
+
+
+def test_trials_are_redivided_by_measured_cost_after_one_batch_each():
+    """Once measured, a task that costs the model 10x the time gets ~10x the remaining trials;
+    the run's total is unchanged and a task whose builds all failed gets nothing more."""
+    from omnic.tuning import _rebalance, _Task
+
+    tasks = [_Task(name=n, key=n, weight=w, flops=1.0, extracted=None) for n, w in
+             (("conv", 2), ("conv_b", 1), ("pool", 1), ("broken", 1))]
+    for t, ms in zip(tasks, (1.0, 0.5, 0.1, None)):
+        t.allotted, t.trials_run, t.batches, t.best_ms = 40, 8, 1, ms
+    done = _rebalance(tasks, per_iter=8)
+    conv, conv_b, pool, broken = tasks
+    assert sum(t.allotted for t in tasks) <= 160 and sum(t.allotted for t in tasks) > 150
+    assert all(t.allotted % 8 == 0 and t.allotted >= t.trials_run for t in tasks)
+    assert broken.allotted == 8 and broken in done  # no measured latency: complete as it stands
+    extra = {t.name: t.allotted - t.trials_run for t in tasks}
+    # remaining 128 trials = 16 batches by cost 2.0 : 0.5 : 0.1 -> 12.3 : 3.1 : 0.6 batches
+    assert extra["conv"] == 96 and extra["conv_b"] == 24 and extra["pool"] == 8
+    assert conv.allotted > 40 and pool.allotted < 40  # the even split is gone
