@@ -37,6 +37,7 @@ class LocalRuntime:
         self.dev = tvm.cpu(0)
         self.executable = executable
         self.vm = relax.VirtualMachine(executable, self.dev)
+        self._main_fn = None
 
     def to_device(self, array: np.ndarray):
         import tvm
@@ -45,6 +46,23 @@ class LocalRuntime:
 
     def run(self, arrays: Sequence[np.ndarray]) -> Any:
         return self.vm["main"](*[self.to_device(a) for a in arrays])
+
+    def run_torch(self, tensors: Sequence[torch.Tensor]) -> Any:
+        """Run on CPU torch tensors shared with TVM through DLPack (no copy in or out).
+
+        The outputs come back as torch tensors over the VM's output buffers: the VM allocates
+        those afresh on every call, so a later call never overwrites them.
+        """
+        import tvm
+
+        out = self._main(*[tvm.runtime.from_dlpack(t) for t in tensors])
+        return _outputs_from_dlpack(out)
+
+    @property
+    def _main(self):
+        if self._main_fn is None:
+            self._main_fn = self.vm["main"]
+        return self._main_fn
 
     def measure(self, arrays: Sequence[np.ndarray], config: MeasureConfig, device_name: str) -> Measurement:
         return time_vm(self.vm, self.dev, [self.to_device(a) for a in arrays], config, device_name=device_name)
@@ -60,6 +78,12 @@ def outputs_to_torch(result: Any) -> Any:
     if isinstance(result, (list, tuple)) or hasattr(result, "__len__"):
         return tuple(outputs_to_torch(r) for r in result)
     raise ArtifactError(f"unexpected output type from the compiled model: {type(result).__name__}")
+
+
+def _outputs_from_dlpack(result: Any) -> Any:
+    if hasattr(result, "__dlpack__"):
+        return torch.from_dlpack(result)
+    return tuple(_outputs_from_dlpack(r) for r in result)
 
 
 class DeviceModel:
@@ -115,9 +139,27 @@ class DeviceModel:
             arrays.append(arr.astype(dtype, copy=False))
         return arrays
 
+    def _shared_tensors(self, inputs: Sequence[Any]) -> list[torch.Tensor] | None:
+        """The inputs as they are, when TVM can read them in place (CPU torch tensors of the
+        compiled shape and dtype, contiguous and 64-byte aligned as TVM requires); else None."""
+        if len(inputs) != len(self.input_shapes):
+            return None
+        out = []
+        for x, shape, dtype in zip(inputs, self.input_shapes, self.input_dtypes):
+            if not (isinstance(x, torch.Tensor) and x.device.type == "cpu" and tuple(x.shape) == shape
+                    and str(x.dtype) == f"torch.{dtype}" and x.is_contiguous() and x.data_ptr() % 64 == 0):
+                return None
+            out.append(x.detach())
+        return out
+
     def __call__(self, *inputs: Any) -> Any:
         """Run the compiled artifact on the deployment's device."""
-        out = outputs_to_torch(self.runtime.run(self._arrays(inputs)))
+        runtime = self.runtime
+        shared = self._shared_tensors(inputs) if isinstance(runtime, LocalRuntime) else None
+        if shared is not None:  # the fast path: no copies between torch and TVM
+            out = runtime.run_torch(shared)
+        else:
+            out = outputs_to_torch(runtime.run(self._arrays(inputs)))
         if isinstance(out, tuple) and not self.output_is_tuple and len(out) == 1:
             return out[0]
         return out

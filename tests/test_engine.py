@@ -39,6 +39,25 @@ def test_numpy_inputs_and_a_second_input(small):
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+def test_torch_inputs_are_shared_with_tvm_and_outputs_stay_valid(small):
+    """Aligned contiguous torch inputs go to TVM without a copy; an output kept from one call is
+    not overwritten by the next; other inputs (strided, numpy) take the copying path."""
+    model, x, dm = small
+    a, b = torch.randn_like(x), torch.randn_like(x)
+    assert dm._shared_tensors((a,)) is not None
+    strided = torch.randn(x.shape[0], x.shape[1], x.shape[3], x.shape[2]).transpose(2, 3)
+    assert dm._shared_tensors((strided,)) is None
+    out_a = dm(a)
+    kept = out_a.clone()
+    out_b = dm(b)
+    assert torch.equal(out_a, kept) and not torch.equal(out_a, out_b)
+    with torch.no_grad():
+        for inp, out in ((a, out_a), (b, out_b), (strided, dm(strided))):
+            ref = model(inp)
+            assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert torch.equal(dm(a.numpy()), out_a)
+
+
 def test_multi_output_model():
     class TwoHeads(nn.Module):
         def __init__(self):
