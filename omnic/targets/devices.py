@@ -169,7 +169,10 @@ _DEVICE_ROWS: tuple[DeviceSpec, ...] = (
         export_format="so", channel_multiple=16,
         slow_ops=_frozen({"gelu": "erf is a long polynomial on x86",
                           "mish": "softplus+tanh: two transcendental passes"}),
-        fast_ops=("conv2d", "dense", "relu", "hardswish"), int_dot_product="vnni",
+        fast_ops=("conv2d", "dense", "relu", "hardswish"),
+        # read off this CPU: int8 convs are packed for VNNI only where vpdpbusd exists (a Zen 3
+        # or Skylake host runs them as widening int8 loops instead)
+        int_dot_product="vnni" if host_cpu_features()["avx512_vnni"] else None,
         notes="Measured locally. Set TVM_NUM_THREADS (done by omnic from Deployment.threads)."),
     DeviceSpec(
         name="S888", description="Snapdragon 888 CPU (Kryo 680: Cortex-X1/A78/A55), Android aarch64",
