@@ -66,7 +66,7 @@ def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
     os.environ["OMNIC_CACHE_DIR"] = str(run_root)
     model, x = zoo.get_model(model_name)
     config = tuning.TuningConfig(builder=args.builder, trials_per_iter=args.per_iter, population_size=args.population,
-                                 genetic_num_iters=args.genetic_iters)
+                                 genetic_num_iters=args.genetic_iters, cold_cache_repeats=args.cold_cache_repeats)
     deployment = Deployment(device="host", threads=args.threads, tuning_trials=0, tuning_time_s=60.0 * marks[-1])
 
     # copy the (append-only) database at each mark; a torn last line is repaired on open
@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--population", type=int, default=64)
     ap.add_argument("--genetic-iters", type=int, default=1)
     ap.add_argument("--builder", default="auto", choices=("auto", "inproc", "pool", "local"))
+    ap.add_argument("--cold-cache-repeats", type=int, default=10,
+                    help="measure tuning candidates cold (N flushed single runs); 0: hot")
     ap.add_argument("--oracle-candidates", type=int, default=12)
     ap.add_argument("--oracle-trials", type=int, default=32, help="tuning trials per candidate (cold pass)")
     ap.add_argument("--oracle-repeat", type=int, default=5)

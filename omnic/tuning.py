@@ -82,6 +82,14 @@ class TuningConfig:
         builder_workers: Processes of the ``"pool"``/``"local"`` builders.
         number: Runs per measurement of a candidate.
         min_repeat_ms: Minimum duration of one measurement (swamps timer noise on tiny kernels).
+        cold_cache_repeats: N > 0 (default 10) measures N single runs of a candidate, each after
+            evicting every argument but the first (the activation) from the CPU caches, as a
+            kernel meets its weights and output buffer inside a network. 0 measures hot:
+            ``number`` back-to-back runs of at least ``min_repeat_ms``. Hot measurements misled
+            the search: on a Zen 3 VM tuned MobileNetV2 kernels ran 2x slower in the graph than
+            in the runner (7.0 ms hot sum, 14.0 ms in-graph; the classifier GEMV 6.9x, its 5 MB of
+            weights come from DRAM); tuned cold, 15 minutes gave 9.7 ms instead of 12.1 ms
+            (omnic/ORT 1.04 vs 1.63, ``benchmarks/README.md``).
         skip_prefixes: Task names that are not worth a trial (pure data movement with no loops to
             schedule). They stay untuned and are reported as skipped.
         seconds_per_trial: A low estimate of the cost of one trial, used to turn a time-only budget
@@ -101,6 +109,7 @@ class TuningConfig:
     pool_min_trials: int = 64
     number: int = 3
     min_repeat_ms: float = 40.0
+    cold_cache_repeats: int = 10
     skip_prefixes: tuple[str, ...] = ("reshape",)
     seconds_per_trial: float = 0.3
     cost_model: str = "xgb"
@@ -437,8 +446,12 @@ def _make_builder(config: TuningConfig, kind: str | None = None) -> Any:
 def _make_runner(deployment: Deployment, config: TuningConfig, runner: Any) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
-    evaluator = ms.runner.EvaluatorConfig(number=config.number, repeat=1, min_repeat_ms=int(config.min_repeat_ms),
-                                          enable_cpu_cache_flush=False)
+    if config.cold_cache_repeats > 0:
+        evaluator = ms.runner.EvaluatorConfig(number=1, repeat=config.cold_cache_repeats, min_repeat_ms=0,
+                                              enable_cpu_cache_flush=True)
+    else:
+        evaluator = ms.runner.EvaluatorConfig(number=config.number, repeat=1,
+                                              min_repeat_ms=int(config.min_repeat_ms), enable_cpu_cache_flush=False)
     if runner is not None:
         return runner
     if deployment.is_remote:
