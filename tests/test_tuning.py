@@ -239,7 +239,10 @@ def test_remote_deployment_uses_the_rpc_runner(monkeypatch, fresh_cache):
     d = Deployment(device="host", tracker="127.0.0.1:9", tuning_trials=4)
     with tuning.using(FAST), pytest.raises(Stop):
         engine.compile(make(), d, X, check=False, progress=False)
-    assert calls and calls[0][0] == "host" and int(calls[0][1].number) == FAST.number
+    assert calls and calls[0][0] == "host"
+    evaluator = calls[0][1]  # the config's cold-cache protocol: single flushed runs
+    assert int(evaluator.number) == 1 and int(evaluator.repeat) == FAST.cold_cache_repeats > 0
+    assert bool(evaluator.enable_cpu_cache_flush)
 
 
 def test_cli_tune_needs_a_budget(capsys):
