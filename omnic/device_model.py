@@ -45,7 +45,7 @@ class LocalRuntime:
         return tvm.runtime.tensor(np.ascontiguousarray(array), self.dev)
 
     def run(self, arrays: Sequence[np.ndarray]) -> Any:
-        return self.vm["main"](*[self.to_device(a) for a in arrays])
+        return self._main(*[self.to_device(a) for a in arrays])
 
     def run_torch(self, tensors: Sequence[torch.Tensor]) -> Any:
         """Run on CPU torch tensors shared with TVM through DLPack (no copy in or out).

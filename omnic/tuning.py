@@ -380,11 +380,10 @@ def _builder_kind(config: TuningConfig, planned_trials: int) -> str:
     return "pool" if planned_trials >= config.pool_min_trials else "inproc"
 
 
-def _make_builder(config: TuningConfig, kind: str | None = None) -> Any:
+def _make_builder(config: TuningConfig, kind: str) -> Any:
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    kind = kind or _builder_kind(config, 0)
     if kind == "local":
         return ms.builder.LocalBuilder(max_workers=config.builder_workers, f_build=fast_build)
 
