@@ -14,6 +14,11 @@ from omnic.errors import CompileError, TraceError, UnsupportedOperatorError
 from omnic.ir import TracedModel
 from omnic.targets import DeviceSpec
 
+#: Bumped whenever lowering changes what a model compiles to (and so its latency): stored
+#: measurements of an older revision are not returned as if they were of the current one.
+#: 2: int8 VNNI packing pads channels; depthwise convs follow ``DeviceSpec.int8_depthwise``.
+PIPELINE_REVISION = 2
+
 
 def _tvm():
     import tvm
@@ -207,7 +212,7 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
         if precision == "int8":
             from omnic.quantize import quantize_relax
 
-            mod, q_report = quantize_relax(mod, quantization)
+            mod, q_report = quantize_relax(mod, quantization, int8_depthwise=spec.int8_depthwise)
             if quant_report is not None:
                 quant_report.update(q_report)
         if precision == "fp16":

@@ -136,7 +136,8 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         report["ops_precision"] = quantize.ops_precision(q_report)
         summary = calib.summary() if calib is not None else {"source": "onnx-qdq", "integer": False}
         report["quantization"] = {**summary, "layers": q_report.get("layers", []),
-                                  "vnni_packed_convs": q_report.get("vnni_packed_convs", 0)}
+                                  "vnni_packed_convs": q_report.get("vnni_packed_convs", 0),
+                                  "depthwise": q_report.get("depthwise")}
         if calib is not None and check and spec.local and not deployment.is_remote:
             report["quantization"]["accuracy"] = quantize.accuracy_vs_fp32(dm, calib)
     return dm

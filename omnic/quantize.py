@@ -41,6 +41,7 @@ from torch import nn
 from omnic.errors import OmnicError
 
 CALIBRATION_METHODS = ("minmax", "percentile")
+DEPTHWISE_CHOICES = ("auto", "int8", "fp32")
 
 
 class QuantizationError(OmnicError):
@@ -63,6 +64,10 @@ class QuantConfig:
             to uint8 (scale = max/255) instead of int8 (scale = max/127).
         accuracy_samples: Calibration samples the compiled int8 model is run on to report its
             difference to the fp32 model (0 turns the check off).
+        depthwise: Precision of depthwise convs: ``"auto"`` (the device's
+            ``DeviceSpec.int8_depthwise``: int8 only where the device's integer path runs them
+            faster), ``"int8"`` or ``"fp32"``. A depthwise conv has no channel reduction for a
+            dot-product instruction to use.
     """
 
     method: str = "minmax"
@@ -71,8 +76,12 @@ class QuantConfig:
     integer: bool = True
     unsigned_activations: bool = True
     accuracy_samples: int = 256
+    depthwise: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.depthwise not in DEPTHWISE_CHOICES:
+            raise QuantizationError(f"QuantConfig.depthwise must be one of {DEPTHWISE_CHOICES}, "
+                                    f"got {self.depthwise!r}")
         if self.method not in CALIBRATION_METHODS:
             raise QuantizationError(f"QuantConfig.method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
         if not 0.0 < float(self.percentile) <= 100.0:
@@ -390,8 +399,8 @@ def require_onnx_qdq(path: str) -> None:
             "nn.Module with calibration=..., or a QDQ model from onnxruntime's quantize_static")
 
 
-def quantize_relax(mod: Any, calibration: Calibration | str | None, *, config: QuantConfig | None = None
-                   ) -> tuple[Any, dict[str, Any]]:
+def quantize_relax(mod: Any, calibration: Calibration | str | None, *, config: QuantConfig | None = None,
+                   int8_depthwise: bool = True) -> tuple[Any, dict[str, Any]]:
     """Rewrite conv2d / matmul with constant weights into int8 (or simulated int8) form.
 
     Run on a module in the layout PyTorch exports (NCHW/OIHW, matmul weights ``[in, out]``),
@@ -402,6 +411,8 @@ def quantize_relax(mod: Any, calibration: Calibration | str | None, *, config: Q
         calibration: From :func:`calibrate`; None quantizes with a fixed activation scale (for
             latency measurements only: the outputs are not meaningful).
         config: Defaults to ``calibration.config``.
+        int8_depthwise: The device's choice for depthwise convs, used when ``config.depthwise``
+            is ``"auto"``.
 
     Returns:
         ``(module, report)``; report: ``{"int8": {op: count}, "float32": {op: count}, "layers": [...]}``.
@@ -415,6 +426,8 @@ def quantize_relax(mod: Any, calibration: Calibration | str | None, *, config: Q
     config = config or (calibration.config if calibration is not None else QuantConfig())
     matcher = _LayerMatcher(calibration.layers if calibration is not None else ())
     report: dict[str, Any] = {"int8": {}, "float32": {}, "layers": []}
+    depthwise_int8 = int8_depthwise if config.depthwise == "auto" else config.depthwise == "int8"
+    report["depthwise"] = "int8" if depthwise_int8 else "fp32"
 
     def count(precision: str, op: str) -> None:
         report[precision][op] = report[precision].get(op, 0) + 1
@@ -459,6 +472,10 @@ def quantize_relax(mod: Any, calibration: Calibration | str | None, *, config: Q
             if (w is None or w.dtype != np.float32 or str(attrs.data_layout) != "NCHW"
                     or str(attrs.kernel_layout) != "OIHW" or call.args[0].ty.dtype != "float32"):
                 count("float32", "conv2d")
+                return call
+            groups, in_channels = int(attrs.groups), int(call.args[0].ty.shape[1])
+            if not depthwise_int8 and groups > 1 and groups == in_channels:
+                count("float32", "conv2d_depthwise")
                 return call
             stats = matcher.find("conv2d", w)
             if stats is None and calibration is not None:
@@ -597,8 +614,10 @@ def pack_vnni(mod: Any) -> tuple[Any, int]:
     shifted to uint8 (+128), padded with the shifted zero (128), and ``128 * sum(w[o])`` is
     subtracted from the accumulator (it fuses into the requantize epilogue).
 
-    Only convs with groups 1, dilation 1, ``O % 16 == 0`` and ``I % 4 == 0`` are packed (the
-    first conv of an RGB network has 3 input channels and stays a plain int8 conv).
+    Convs with groups 1 and dilation 1 are packed. Channel counts that do not fill the packing
+    are padded with zero weights: input channels to a multiple of 4 (the RGB stem's 3 become 4,
+    the activation gets a zero channel in the same pad op as the spatial padding), output channels
+    to a multiple of 16 (MobileNet's 24), with the extra outputs sliced off after the conv.
 
     Returns:
         ``(module, number of packed convs)``.
@@ -640,25 +659,29 @@ def pack_vnni(mod: Any) -> tuple[Any, int]:
                     or str(attrs.out_layout) not in ("NHWC", "")):
                 return call
             o, kh, kw, i = w.shape
-            if o % 16 or i % 4:
-                return call
-            wpk = np.ascontiguousarray(w.reshape(o // 16, 16, kh, kw, i // 4, 4).transpose(0, 2, 3, 4, 1, 5))
+            o_pad, i_pad = -o % 16, -i % 4
+            w_full = np.pad(w, ((0, o_pad), (0, 0), (0, 0), (0, i_pad))) if (o_pad or i_pad) else w
+            op, ip = o + o_pad, i + i_pad
+            wpk = np.ascontiguousarray(w_full.reshape(op // 16, 16, kh, kw, ip // 4, 4).transpose(0, 2, 3, 4, 1, 5))
             signed = x.ty.dtype == "int8"
             if signed:  # to uint8: x + 128, exact in int32 then narrowed
                 x = self.builder_.emit(relax.op.astype(relax.op.add(relax.op.astype(x, "int32"),
                                                                     relax.const(128, "int32")), "uint8"))
             pt, pl, pb, pr = (int(p) for p in attrs.padding)
-            if pt or pl or pb or pr:
+            if pt or pl or pb or pr or i_pad:
                 # padding as its own (injective) op: it fuses into the producer's epilogue, and the
-                # conv stays a pure reduction that FuseOps fuses with its requantize epilogue
-                x = self.builder_.emit_te(topi.nn.pad, x, [0, pt, pl, 0], [0, pb, pr, 0],
+                # conv stays a pure reduction that FuseOps fuses with its requantize epilogue (the
+                # padded input channels meet zero weights, so their value does not matter)
+                x = self.builder_.emit_te(topi.nn.pad, x, [0, pt, pl, 0], [0, pb, pr, i_pad],
                                           pad_value=128 if signed else 0, primfunc_name_hint="pad_vnni")
             # call_te, not emit_te: returning a bound Var would leave an alias binding that stops
             # FuseOps from fusing the conv with its requantize epilogue
             acc = self.builder_.call_te(
                 conv_packed, x, relax.const(wpk), stride=tuple(int(s) for s in attrs.strides), kernel=(kh, kw),
-                out_channels=o, primfunc_name_hint="conv2d_vnni")
+                out_channels=op, primfunc_name_hint="conv2d_vnni")
             packed += 1
+            if o_pad:
+                acc = relax.op.strided_slice(self.builder_.emit(acc), axes=[3], begin=[0], end=[o])
             if signed:
                 correction = (128 * w.astype(np.int32).reshape(o, -1).sum(axis=1)).astype(np.int32)
                 return relax.op.subtract(self.builder_.emit(acc), relax.const(correction))

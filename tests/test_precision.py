@@ -43,8 +43,9 @@ class ConvDense(nn.Module):
         super().__init__()
         self.c1 = nn.Conv2d(3, 16, 3, padding=1)
         self.bn = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16 * 4 * 4, 10)
+        # 3 inputs and 24 outputs do not fill VNNI's 4 x 16 packing: both are padded with zero weights
+        self.c2 = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+        self.fc = nn.Linear(24 * 4 * 4, 10)
 
     def forward(self, x):
         x = self.bn(self.c1(x))  # signed input to c2: the VNNI conv shifts it to uint8 and corrects
@@ -87,7 +88,7 @@ def test_ops_precision_and_quantization_report(conv_dense):
     q = rep["quantization"]
     assert q["integer"] and q["batches"] == 8 and q["samples"] == 16 and q["source"] == "calibration"
     assert [layer["act_dtype"] for layer in q["layers"]] == ["int8", "int8", "uint8"]  # after ReLU: unsigned
-    assert q["vnni_packed_convs"] == (1 if omnic.targets.get_device("host").int_dot_product == "vnni" else 0)
+    assert q["vnni_packed_convs"] == (2 if omnic.targets.get_device("host").int_dot_product == "vnni" else 0)
     acc = q["accuracy"]
     assert acc["samples"] == 16 and acc["max_rel_error"] < 0.05 and acc["top1_agreement"] >= 0.75
     assert simulated.report["quantization"]["integer"] is False
@@ -118,6 +119,28 @@ def test_integer_kernels_are_int8_times_int8_into_int32(conv_dense):
         assert packed and re.search(r'\(16\)?, (T\.int64\()?4\)?\), "int8"', packed[0]) and '"uint8"' in packed[0]
     ll = integer.executable.mod.imports[0].inspect_source("ll")
     assert re.search(r"[sz]ext <\d+ x i8> .* to <\d+ x i32>", ll)  # widening 8-bit loads in the kernels
+
+
+def test_depthwise_precision_choice_is_reported_and_both_are_close_to_fp32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+                          nn.Conv2d(32, 16, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    calib = [torch.randn(1, 3, 8, 8) for _ in range(4)]
+    dep = {"device": "host", "precision": "int8"}
+    with torch.no_grad():
+        ref = model(x)
+    counts = {}
+    for choice in ("int8", "fp32"):
+        dm = engine.compile(model, dep, x, calibration=calib, quantization={"depthwise": choice}, progress=False)
+        q = dm.report["quantization"]
+        assert q["depthwise"] == choice
+        counts[choice] = dm.report["ops_precision"]
+        assert float((dm(x) - ref).abs().max() / ref.abs().max()) < 0.05
+    assert counts["int8"]["int8"] == {"conv2d": 3} and "conv2d_depthwise" not in counts["int8"]["float32"]
+    assert counts["fp32"]["int8"] == {"conv2d": 2} and counts["fp32"]["float32"]["conv2d_depthwise"] == 1
+    with pytest.raises(omnic.OmnicError, match="depthwise"):
+        quantize.QuantConfig(depthwise="int4")
 
 
 def test_int8_calibration_inputs_and_percentile():

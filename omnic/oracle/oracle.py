@@ -7,6 +7,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from omnic.cache import cache_root
+from omnic.compiler import PIPELINE_REVISION
 from omnic.deployment import Deployment
 from omnic.ir import TracedModel, trace
 from omnic.measure import MeasureConfig, Measurement
@@ -32,7 +33,8 @@ class Oracle:
         self.last_batch_stats: dict[str, Any] = {}  # of the last remote measure_many
 
     def key(self, traced: TracedModel, deployment: Deployment) -> StoreKey:
-        context = f"threads={deployment.threads or 'default'};trials={deployment.tuning_trials}"
+        context = (f"threads={deployment.threads or 'default'};trials={deployment.tuning_trials}"
+                   f";pipeline={PIPELINE_REVISION}")
         if deployment.is_remote:
             context += f";key={deployment.rpc_key}"
         return StoreKey(device=deployment.device, precision=deployment.precision,

@@ -39,6 +39,8 @@ class DeviceSpec:
             rewrite them or name them in an error (TVM importer gaps common to all devices are
             listed in ``omnic.passes.device``).
         int_dot_product: Integer dot-product instruction family, if any (``"vnni"``, ``"dotprod"``).
+        int8_depthwise: Whether ``precision="int8"`` quantizes depthwise convs too (False: they
+            stay fp32 between integer layers, where int8 depthwise kernels measured slower).
         notes: Free-form notes shown by ``omnic devices``.
     """
 
@@ -59,6 +61,7 @@ class DeviceSpec:
     max_depthwise_kernel: int | None = None
     unsupported_ops: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     int_dot_product: str | None = None
+    int8_depthwise: bool = True
     notes: str = ""
 
     def tvm_target(self, *, num_threads: int | None = None):
