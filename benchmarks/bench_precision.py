@@ -66,7 +66,7 @@ def bench_latency(name: str, input_size: int, trials: int, threads: int, fp32_tr
                                        for r in kernels[:20]]
         if precision == "int8":
             row["int8_ops"] = dm.report["ops_precision"]["int8"]
-            row["vnni_packed_convs"] = dm.report["quantization"].get("vnni_packed_convs")
+            row["vnni_packed_convs"] = dm.report["quantization"].get("dot_product_packed_convs")
             asm = dm.executable.mod.imports[0].inspect_source("asm")
             row["vpdpbusd_in_asm"] = asm.count("vpdpbusd")
     if root:

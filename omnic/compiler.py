@@ -17,7 +17,8 @@ from omnic.targets import DeviceSpec
 #: Bumped whenever lowering changes what a model compiles to (and so its latency): stored
 #: measurements of an older revision are not returned as if they were of the current one.
 #: 2: int8 VNNI packing pads channels; depthwise convs follow ``DeviceSpec.int8_depthwise``.
-PIPELINE_REVISION = 2
+#: 3: int8 convs are packed for the AArch64 sdot too.
+PIPELINE_REVISION = 3
 
 
 def _tvm():
@@ -220,12 +221,13 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
         if spec.kind == "cpu":
             mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
             mod = fold_numpy(mod)
-            if precision == "int8" and spec.int_dot_product == "vnni":
-                from omnic.quantize import pack_vnni
+            if precision == "int8" and spec.int_dot_product:
+                from omnic.quantize import DOT_PRODUCT_PACKINGS, pack_dot_product
 
-                mod, n_packed = pack_vnni(mod)
+                mod, n_packed = pack_dot_product(mod, spec.int_dot_product)
                 if quant_report is not None:
-                    quant_report["vnni_packed_convs"] = n_packed
+                    quant_report["dot_product"] = DOT_PRODUCT_PACKINGS[spec.int_dot_product].instruction
+                    quant_report["dot_product_packed_convs"] = n_packed
         with target:
             mod = relax.transform.FoldConstant()(mod)
             mod = relax.get_pipeline("zero")(mod)

@@ -91,7 +91,7 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         q_report = {}
         prepared = compiler.prepare(mod, spec, target, "int8", quantization=calib or quantize.ONNX_QDQ,
                                     quant_report=q_report)
-        if q_report.get("vnni_packed_convs"):
+        if q_report.get("dot_product_packed_convs") and q_report.get("dot_product") == "vpdpbusd":
             # tuning tensorizes the packed convs with VNNI, and applying such records replays the
             # intrinsic by name: both need it registered (and fixed for LLVM 22) in this process
             wants_db = (deployment.tuning_trials > 0 or bool(deployment.tuning_time_s) or database is not None
@@ -136,7 +136,8 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         report["ops_precision"] = quantize.ops_precision(q_report)
         summary = calib.summary() if calib is not None else {"source": "onnx-qdq", "integer": False}
         report["quantization"] = {**summary, "layers": q_report.get("layers", []),
-                                  "vnni_packed_convs": q_report.get("vnni_packed_convs", 0),
+                                  "dot_product": q_report.get("dot_product"),
+                                  "dot_product_packed_convs": q_report.get("dot_product_packed_convs", 0),
                                   "depthwise": q_report.get("depthwise")}
         if calib is not None and check and spec.local and not deployment.is_remote:
             report["quantization"]["accuracy"] = quantize.accuracy_vs_fp32(dm, calib)

@@ -599,25 +599,57 @@ def accuracy_vs_fp32(device_model: Any, calibration: Calibration) -> dict[str, A
     return result
 
 
-# ------------------------------------------------------------------- x86 VNNI packed convs
+# ------------------------------------------------- dot-product packed convs (x86 VNNI, ARM sdot)
 #: PrimFunc blocks of packed convs carry this name, so later steps can recognise them.
-VNNI_BLOCK = "conv2d_nhwc_vnni"
+PACKED_BLOCK = "conv2d_nhwc_dot_packed"
+VNNI_BLOCK = PACKED_BLOCK  # the name earlier releases used
 
 
-def pack_vnni(mod: Any) -> tuple[Any, int]:
-    """Rewrite NHWC/OHWI int8 conv2d into convs over VNNI-packed weights.
+@dataclass(frozen=True, kw_only=True)
+class DotProductPacking:
+    """The weight layout and operand types an integer dot-product instruction wants.
 
-    ``vpdpbusd`` (x86 VNNI) multiplies 4 unsigned by 4 signed bytes into an int32 lane, 16 lanes
-    at a time. MetaSchedule tensorizes a conv with it only when the weight already has 16 output
-    x 4 input channels innermost (TVM_NOTES 10): the weight is packed to
-    ``[O/16, KH, KW, I/4, 16, 4]`` and the conv is written in TE. Signed int8 activations are
-    shifted to uint8 (+128), padded with the shifted zero (128), and ``128 * sum(w[o])`` is
-    subtracted from the accumulator (it fuses into the requantize epilogue).
+    Attributes:
+        instruction: What MetaSchedule tensorizes the packed conv with (for reports).
+        out_lanes: Output channels per instruction (int32 lanes).
+        in_lanes: Input channels each lane reduces (bytes per lane).
+        activation_dtype: The type the instruction reads activations as; the weights are int8.
+    """
+
+    instruction: str
+    out_lanes: int
+    in_lanes: int
+    activation_dtype: str
+
+
+#: Per ``DeviceSpec.int_dot_product``. vpdpbusd: 16 lanes of 4 uint8 x int8 (TVM_NOTES 10); the
+#: AArch64 sdot: 4 lanes of 4 int8 x int8 (MetaSchedule's "dotprod" rules tensorize it with
+#: ``dot_4x4_i8i8s32_sdot`` once the weight has that layout).
+DOT_PRODUCT_PACKINGS: dict[str, DotProductPacking] = {
+    "vnni": DotProductPacking(instruction="vpdpbusd", out_lanes=16, in_lanes=4, activation_dtype="uint8"),
+    "dotprod": DotProductPacking(instruction="sdot", out_lanes=4, in_lanes=4, activation_dtype="int8"),
+}
+
+
+def pack_dot_product(mod: Any, family: str) -> tuple[Any, int]:
+    """Rewrite NHWC/OHWI int8 conv2d into convs over weights packed for a dot-product instruction.
+
+    MetaSchedule tensorizes a conv with an integer dot-product instruction only when the weight
+    already has ``out_lanes`` output x ``in_lanes`` input channels innermost (TVM_NOTES 10): the
+    weight is packed to ``[O/out, KH, KW, I/in, out, in]`` and the conv is written in TE.
+    Activations of the other signedness are shifted by 128 into the instruction's type (padded
+    with the shifted zero), and ``shift * sum(w[o])`` is subtracted from the accumulator (it
+    fuses into the requantize epilogue).
 
     Convs with groups 1 and dilation 1 are packed. Channel counts that do not fill the packing
-    are padded with zero weights: input channels to a multiple of 4 (the RGB stem's 3 become 4,
-    the activation gets a zero channel in the same pad op as the spatial padding), output channels
-    to a multiple of 16 (MobileNet's 24), with the extra outputs sliced off after the conv.
+    are padded with zero weights: input channels to a multiple of ``in_lanes`` (the RGB stem's 3
+    become 4, the activation gets a zero channel in the same pad op as the spatial padding),
+    output channels to a multiple of ``out_lanes`` (MobileNet's 24 become 32 for VNNI), with the
+    extra outputs sliced off after the conv.
+
+    Args:
+        mod: The Relax module after the NHWC/OHWI layout conversion.
+        family: A key of :data:`DOT_PRODUCT_PACKINGS`.
 
     Returns:
         ``(module, number of packed convs)``.
@@ -625,6 +657,9 @@ def pack_vnni(mod: Any) -> tuple[Any, int]:
     import tvm
     from tvm import relax, te, topi
     from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    packing = DOT_PRODUCT_PACKINGS[family]
+    lo, li = packing.out_lanes, packing.in_lanes
 
     def conv_packed(padded, wpk, *, stride, kernel, out_channels):
         n, h, w, c = (int(d) for d in padded.shape)
@@ -635,8 +670,8 @@ def pack_vnni(mod: Any) -> tuple[Any, int]:
             (n, oh, ow, out_channels),
             lambda b, y, x, o: te.sum(
                 padded[b, y * sh + ry, x * sw + rx, rc].astype("int32")
-                * wpk[o // 16, ry, rx, rc // 4, o % 16, rc % 4].astype("int32"), axis=[ry, rx, rc]),
-            name=VNNI_BLOCK)
+                * wpk[o // lo, ry, rx, rc // li, o % lo, rc % li].astype("int32"), axis=[ry, rx, rc]),
+            name=PACKED_BLOCK)
 
     packed = 0
 
@@ -659,31 +694,33 @@ def pack_vnni(mod: Any) -> tuple[Any, int]:
                     or str(attrs.out_layout) not in ("NHWC", "")):
                 return call
             o, kh, kw, i = w.shape
-            o_pad, i_pad = -o % 16, -i % 4
+            o_pad, i_pad = -o % lo, -i % li
             w_full = np.pad(w, ((0, o_pad), (0, 0), (0, 0), (0, i_pad))) if (o_pad or i_pad) else w
             op, ip = o + o_pad, i + i_pad
-            wpk = np.ascontiguousarray(w_full.reshape(op // 16, 16, kh, kw, ip // 4, 4).transpose(0, 2, 3, 4, 1, 5))
-            signed = x.ty.dtype == "int8"
-            if signed:  # to uint8: x + 128, exact in int32 then narrowed
+            wpk = np.ascontiguousarray(w_full.reshape(op // lo, lo, kh, kw, ip // li, li).transpose(0, 2, 3, 4, 1, 5))
+            shift = 0
+            if x.ty.dtype != packing.activation_dtype:  # exact in int32, then narrowed
+                shift = 128 if packing.activation_dtype == "uint8" else -128
                 x = self.builder_.emit(relax.op.astype(relax.op.add(relax.op.astype(x, "int32"),
-                                                                    relax.const(128, "int32")), "uint8"))
+                                                                    relax.const(shift, "int32")),
+                                                       packing.activation_dtype))
             pt, pl, pb, pr = (int(p) for p in attrs.padding)
             if pt or pl or pb or pr or i_pad:
                 # padding as its own (injective) op: it fuses into the producer's epilogue, and the
                 # conv stays a pure reduction that FuseOps fuses with its requantize epilogue (the
                 # padded input channels meet zero weights, so their value does not matter)
                 x = self.builder_.emit_te(topi.nn.pad, x, [0, pt, pl, 0], [0, pb, pr, i_pad],
-                                          pad_value=128 if signed else 0, primfunc_name_hint="pad_vnni")
+                                          pad_value=shift, primfunc_name_hint="pad_dot_packed")
             # call_te, not emit_te: returning a bound Var would leave an alias binding that stops
             # FuseOps from fusing the conv with its requantize epilogue
             acc = self.builder_.call_te(
                 conv_packed, x, relax.const(wpk), stride=tuple(int(s) for s in attrs.strides), kernel=(kh, kw),
-                out_channels=op, primfunc_name_hint="conv2d_vnni")
+                out_channels=op, primfunc_name_hint=f"conv2d_{family}")
             packed += 1
             if o_pad:
                 acc = relax.op.strided_slice(self.builder_.emit(acc), axes=[3], begin=[0], end=[o])
-            if signed:
-                correction = (128 * w.astype(np.int32).reshape(o, -1).sum(axis=1)).astype(np.int32)
+            if shift:
+                correction = (shift * w.astype(np.int32).reshape(o, -1).sum(axis=1)).astype(np.int32)
                 return relax.op.subtract(self.builder_.emit(acc), relax.const(correction))
             return acc
 
@@ -695,8 +732,13 @@ def pack_vnni(mod: Any) -> tuple[Any, int]:
     return relax.transform.DeadCodeElimination()(out), packed
 
 
+def pack_vnni(mod: Any) -> tuple[Any, int]:
+    """:func:`pack_dot_product` for x86 VNNI."""
+    return pack_dot_product(mod, "vnni")
+
+
 def strip_layout_free(mod: Any) -> Any:
-    """Drop ``layout_free_buffers`` from PrimFuncs holding a packed VNNI conv.
+    """Drop ``layout_free_buffers`` from PrimFuncs holding a dot-product packed conv.
 
     Their weight is already in its final layout, and MetaSchedule's weight-layout rewrite on
     them crashes tuning in ``RemoveWeightLayoutRewriteBlock`` (TVM_NOTES 10).
@@ -705,7 +747,7 @@ def strip_layout_free(mod: Any) -> Any:
 
     for gv, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "layout_free_buffers" in func.attrs \
-                and VNNI_BLOCK in func.script():
+                and PACKED_BLOCK in func.script():
             mod[gv] = func.without_attr("layout_free_buffers")
     return mod
 

@@ -88,7 +88,8 @@ def test_ops_precision_and_quantization_report(conv_dense):
     q = rep["quantization"]
     assert q["integer"] and q["batches"] == 8 and q["samples"] == 16 and q["source"] == "calibration"
     assert [layer["act_dtype"] for layer in q["layers"]] == ["int8", "int8", "uint8"]  # after ReLU: unsigned
-    assert q["vnni_packed_convs"] == (2 if omnic.targets.get_device("host").int_dot_product == "vnni" else 0)
+    vnni = omnic.targets.get_device("host").int_dot_product == "vnni"
+    assert q["dot_product_packed_convs"] == (2 if vnni else 0) and q["dot_product"] == ("vpdpbusd" if vnni else None)
     acc = q["accuracy"]
     assert acc["samples"] == 16 and acc["max_rel_error"] < 0.05 and acc["top1_agreement"] >= 0.75
     assert simulated.report["quantization"]["integer"] is False
@@ -115,7 +116,7 @@ def test_integer_kernels_are_int8_times_int8_into_int32(conv_dense):
     if omnic.targets.get_device("host").int_dot_product == "vnni":
         # the packed conv reads uint8 data and a weight with 16 outputs x 4 inputs innermost
         packed = [f.script() for _, f in integer.module.functions_items()
-                  if isinstance(f, tvm.tirx.PrimFunc) and quantize.VNNI_BLOCK in f.script()]
+                  if isinstance(f, tvm.tirx.PrimFunc) and quantize.PACKED_BLOCK in f.script()]
         assert packed and re.search(r'\(16\)?, (T\.int64\()?4\)?\), "int8"', packed[0]) and '"uint8"' in packed[0]
     ll = integer.executable.mod.imports[0].inspect_source("ll")
     assert re.search(r"[sz]ext <\d+ x i8> .* to <\d+ x i32>", ll)  # widening 8-bit loads in the kernels
@@ -141,6 +142,39 @@ def test_depthwise_precision_choice_is_reported_and_both_are_close_to_fp32():
     assert counts["fp32"]["int8"] == {"conv2d": 2} and counts["fp32"]["float32"]["conv2d_depthwise"] == 1
     with pytest.raises(omnic.OmnicError, match="depthwise"):
         quantize.QuantConfig(depthwise="int4")
+
+
+@pytest.mark.parametrize("family", sorted(quantize.DOT_PRODUCT_PACKINGS))
+@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+def test_dot_product_packing_is_exact(family, act_dtype):
+    """Packing (zero-padded channels, shifted activations, the correction) changes no integer:
+    the packed conv equals the plain int8 conv bit for bit, run here on the host's LLVM."""
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    lo, hi = (0, 256) if act_dtype == "uint8" else (-128, 128)
+    x_np = rng.integers(lo, hi, size=(1, 9, 9, 3), dtype=np.int32).astype(act_dtype)  # 3 inputs: padded to 4
+    w_np = rng.integers(-128, 128, size=(6, 3, 3, 3), dtype=np.int32).astype("int8")  # 6 outputs: padded
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_np.shape, act_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.conv2d(x, relax.const(w_np), strides=2, padding=1, data_layout="NHWC",
+                                                  kernel_layout="OHWI", out_dtype="int32"))
+        bb.emit_func_output(y)
+    plain = bb.get()
+    packed, n = quantize.pack_dot_product(plain, family)
+    assert n == 1
+
+    def run(mod):
+        ex = tvm.compile(relax.transform.LegalizeOps()(mod), omnic.targets.get_device("host").tvm_target())
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        return vm["main"](tvm.runtime.tensor(x_np)).numpy()
+
+    expected, actual = run(plain), run(packed)
+    assert actual.shape == expected.shape == (1, 5, 5, 6)
+    np.testing.assert_array_equal(actual, expected)
 
 
 def test_int8_calibration_inputs_and_percentile():
@@ -229,3 +263,30 @@ def test_int8_cross_compiles_for_arm_with_integer_instructions():
     asm = dm.executable.mod.imports[0].inspect_source("asm")
     # 8-bit multiply-accumulates: widening smlal/umlal or the dot-product sdot/udot
     assert re.search(r"\b(s|u)(mlal2?|dot)\b", asm)
+    q = dm.report["quantization"]
+    assert q["dot_product"] == "sdot" and q["dot_product_packed_convs"] == 2  # both convs: 3->4 and 16 inputs
+
+
+def test_arm_packed_int8_conv_is_tensorized_with_sdot_by_metaschedule():
+    """The S888 packing is what MetaSchedule's "dotprod" rules tensorize: every design space of
+    the packed conv uses ``dot_4x4_i8i8s32_sdot``, and a schedule from it builds to ``sdot``."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from omnic import tuning
+
+    model, x = _clip_model(), torch.randn(1, 3, 16, 16)
+    dm = engine.compile(model, {"device": "S888", "precision": "int8"}, x, progress=False)
+    packed = [f for _, f in dm.module.functions_items()
+              if isinstance(f, tvm.tirx.PrimFunc) and quantize.PACKED_BLOCK in f.script()]
+    assert packed
+    target = omnic.targets.get_device("S888").tvm_target()
+    tuning._light_tensor_intrinsics(target)
+    ctx = ms.TuneContext(mod=tvm.IRModule({"main": packed[-1].with_attr("global_symbol", "main")}), target=target,
+                         space_generator="post-order-apply", search_strategy="evolutionary")
+    spaces = ctx.generate_design_space()
+    assert spaces and all("dot_4x4_i8i8s32_sdot" in str(sp.trace) for sp in spaces)
+    sch = spaces[0]
+    assert all(post.apply(sch) for post in ctx.space_generator.postprocs)
+    asm = tvm.compile(sch.mod, target=target).mod.inspect_source("asm")
+    assert re.search(r"\bsdot\b", asm)
