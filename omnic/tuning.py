@@ -6,33 +6,37 @@ How a compile uses it (``engine.compile`` -> :func:`database_for`):
    is exactly what ``compiler.build`` applies the database to; a workload tuned on anything else
    would never match (TVM_NOTES 9.7.3).
 2. One ``JSONDatabase`` per device/target/precision lives under ``<cache>/tuning/<tag>/``. It is
-   shared by every model: workloads are keyed by the structure of the fused PrimFunc (shapes
-   included, weights not), so a second compile of a model tunes nothing and a model sharing layers
-   with an earlier one tunes only its new tasks.
+   shared by every model: workloads are keyed by their anchor op (the conv or matmul of a fused
+   kernel, shapes included, weights and elementwise epilogue not; :data:`MODULE_EQUALITY`), so a
+   second compile of a model tunes nothing, a model sharing layers with an earlier one tunes only
+   its new tasks, and the epilogue variants of one conv inside a model are one task.
 3. Every task first gets one batch, heaviest first (FLOPs x occurrences), so a short budget buys
    coverage of the heavy tasks first (an untuned kernel is ~40x slower than a tuned one). After
-   that each batch goes to the task that costs the model the most time per batch it has already
-   had (best latency x occurrences / batches so far), and once every task has been measured the
-   run's trials are re-divided in proportion to each task's share of the model's latency
-   (:func:`_rebalance`), which is where trials pay (a 1 ms conv is worth ten times the trials of
-   a 0.1 ms pool; an even split left ResNet-18's convs at their caps while pools soaked up the
-   rest of a 30-minute run). Tuning stops when every task has its share of the trial budget or
-   the time budget (``Deployment.tuning_time_s``) is spent. One MetaSchedule job per batch
-   (instead of one job over all tasks) makes records reach the disk after every batch:
-   MetaSchedule's gradient scheduler commits nothing until every task has had its first batch
-   (minutes for a real network), and it lets the deadline be checked between batches.
+   that each batch goes to the task with the largest claim (:meth:`_Task.claim`, Ansor's
+   gradient estimate): the model time it stands for (best latency x occurrences) times the
+   improvement a batch is expected to bring, blended from 1 / batches so far and its measured
+   improvement over its last two batches. So trials follow each task's share of the model's time
+   (a 1 ms conv is worth ten times the trials of a 0.1 ms pool) and leave a task that has stopped
+   improving; a fixed split made after one batch each had given 1160 trials to a 0.07 ms
+   depthwise conv whose first batch was slow. Tuning stops when the trial budget or the time
+   budget (``Deployment.tuning_time_s``) is spent. One MetaSchedule job per batch (instead of
+   one job over all tasks) makes records reach the disk after every batch: MetaSchedule's
+   gradient scheduler commits nothing until every task has had its first batch (minutes for a
+   real network), and it lets the deadline be checked between batches.
 
 Interrupted runs (``kill -9`` included): ``JSONDatabase`` appends each record as it commits, so
 every finished batch survives. A small ledger next to the database (``omnic_tasks.json``, written
 after every batch) says how many trials each workload got and whether its tuning finished.
-On the next run a finished task counts as done; an unfinished one gets only the trials it still
-lacks (its earlier records seed the evolutionary search, so the search resumes rather than
-restarts). A workload that has records but no ledger entry (a database copied from elsewhere)
+On the next run a finished task counts as done; an unfinished one is tuned on, and its earlier
+trials count against the budget, so a killed run repeated with the same budget runs only what
+it still lacks (its earlier records seed the evolutionary search, so the search resumes rather
+than restarts). A workload that has records but no ledger entry (a database copied from elsewhere)
 counts as done.
 
 Per-trial cost is kept low as measured in TVM_NOTES 3 and 9.3: a builder without MetaSchedule's
-per-batch process pool (in-process by default, or a persistent pool), ``fast_build`` (no tensor
-intrinsics import), a smaller evolutionary population, and an XGBoost warm-up scaled to the budget.
+per-batch process pool (in-process for small runs, else a persistent pool), ``fast_build`` (no
+tensor intrinsics import), a smaller evolutionary population, a cost model that leaves its
+random warm-up after two batches, and no evolution while it is still random.
 """
 from __future__ import annotations
 
@@ -52,7 +56,15 @@ from omnic.deployment import Deployment
 from omnic.errors import OmnicError
 
 LEDGER = "omnic_tasks.json"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: tasks are keyed by their anchor op (MODULE_EQUALITY)
+
+#: How MetaSchedule tells workloads apart. "anchor-block" keys a fused kernel by its main op (the
+#: conv or matmul) and ignores the elementwise epilogue fused after it: ResNet-18's 3x3 conv of
+#: a stage runs as conv+bias, conv+bias+relu and conv+bias+add+relu, three tasks under structural
+#: equality that shared nothing. Under anchor-block they are one task (its weight the sum), tuned
+#: once; the best schedule of the anchor op is replayed onto each epilogue variant at build time
+#: (MetaSchedule's ``schedule_using_anchor_trace``). ResNet-18: 23 tasks become 16.
+MODULE_EQUALITY = "anchor-block"
 
 
 class TuningError(OmnicError):
@@ -65,12 +77,16 @@ class TuningConfig:
 
     Attributes:
         trials_per_iter: Candidates built and measured per batch.
-        population_size: Evolutionary search population (MetaSchedule's default 512 costs about
-            20 s of search per batch on 2 cores; 256 finds the same kernels, TVM_NOTES 9.3).
+        population_size: Evolutionary search population. MetaSchedule's default (512, with 4
+            genetic iterations) costs about 20 s of search per batch on 2 cores. Measured on an
+            Ice Lake host, ResNet-18's 56x56 3x3 conv, 4 minutes each: 128 with 1 iteration ran
+            0.56 s per trial and was at 0.96 ms after 55 s; 256 with 2 ran 1.7 s per trial and
+            reached 0.95 ms only after 212 s. A network's tasks share a short budget, so the
+            cheaper search wins (``benchmarks/README.md``).
         genetic_num_iters: Genetic iterations per batch (default 4 in MetaSchedule).
         warmup_samples: Measured samples before XGBoost predictions are used (before that the
-            search is random). None: an eighth of the planned trials, between 16 and 100, because
-            MetaSchedule's fixed 100 makes small budgets pure random search.
+            search samples at random, without evolution). None: two batches, because
+            MetaSchedule's fixed 100 spends the first minutes of a short run on random search.
         builder: ``"auto"`` (the default: ``"pool"`` for runs of at least ``pool_min_trials``
             trials, else ``"inproc"``), ``"inproc"`` (serial builds in this process: no worker
             start-up, best for small jobs), ``"pool"`` (a persistent process pool, parallel
@@ -102,8 +118,8 @@ class TuningConfig:
     """
 
     trials_per_iter: int = 16
-    population_size: int = 256
-    genetic_num_iters: int = 2
+    population_size: int = 128
+    genetic_num_iters: int = 1
     warmup_samples: int | None = None
     builder: str = "auto"
     builder_workers: int = 2
@@ -129,19 +145,20 @@ class TuningConfig:
 
 @dataclass(kw_only=True)
 class _Task:
-    """One extracted task and its place in the plan."""
+    """One extracted task and its place in the run."""
 
     name: str
-    key: str  # structural hash of the workload (the database's key)
+    key: str  # hash of the workload's anchor op (the database's key, see MODULE_EQUALITY)
     weight: int
     flops: float
     extracted: Any
     status: str = "new"  # new | partial | done | skipped
-    trials_before: int = 0
-    allotted: int = 0
+    trials_before: int = 0  # trials earlier runs gave it (a resumed, partial task)
+    planned: bool = False  # part of this run
     trials_run: int = 0
     batches: int = 0
     best_ms: float | None = None
+    history: list[float] = field(default_factory=list)  # best_ms after each batch of this run
     complete: bool = False
 
     @property
@@ -149,19 +166,38 @@ class _Task:
         return self.flops * self.weight
 
     @property
-    def cost_per_batch(self) -> float:
-        """The model time this task stands for, per batch it has had (its claim on the next one)."""
-        if self.best_ms is None:  # every candidate failed so far: no claim beyond its first batch
-            return 0.0
-        return self.best_ms * self.weight / max(1, self.batches)
+    def model_ms(self) -> float:
+        """The time this task costs the model now (0 while nothing of it has been measured)."""
+        return 0.0 if self.best_ms is None else self.best_ms * self.weight
+
+    def claim(self, per_iter: int) -> float:
+        """How much model time the next batch is expected to save (the task scheduler's score).
+
+        Ansor's gradient estimate: a blend of the optimistic forward guess (latency falls like
+        1/trials, so a task's claim shrinks with the batches it has had) and the backward one
+        (the relative improvement per batch over its last two batches), times the model time
+        the task stands for. A task whose candidates all failed has no claim.
+        """
+        batches = self.batches + -(-self.trials_before // per_iter)
+        forward = 1.0 / max(1, batches)
+        backward = 0.0
+        if len(self.history) >= 2:
+            window = self.history[-3:]
+            backward = max(0.0, (window[0] - window[-1]) / window[-1] / (len(window) - 1))
+        return self.model_ms * (_BACKWARD_SHARE * backward + (1.0 - _BACKWARD_SHARE) * forward)
 
 
-def _next_task(active: Sequence[_Task]) -> _Task:
-    """First batch for every task (in the planned, heaviest-first order), then the costliest."""
+#: Weight of the measured (backward) improvement in a task's claim; Ansor uses 0.2. Higher here,
+#: because a run of a few hundred trials must leave a converged conv early.
+_BACKWARD_SHARE = 0.5
+
+
+def _next_task(active: Sequence[_Task], per_iter: int = 16) -> _Task:
+    """First batch for every task (in the planned, heaviest-first order), then the largest claim."""
     for task in active:
-        if task.batches == 0:
+        if task.batches == 0 and task.trials_before == 0:
             return task
-    return max(active, key=lambda t: t.cost_per_batch)
+    return max(active, key=lambda t: t.claim(per_iter))
 
 
 @dataclass
@@ -176,6 +212,7 @@ class _Progress:
     trials: int = 0
     stopped_by_time: bool = False
     total_ms: dict[str, float] = field(default_factory=dict)
+    builder_kind: str = ""
 
 
 # ----------------------------------------------------------------------------- database location
@@ -252,7 +289,7 @@ def open_database(path: Path, *, create: bool = True):
         _repair_jsonl(p)
     try:
         return ms.database.JSONDatabase(path_workload=str(workloads), path_tuning_record=str(records),
-                                        allow_missing=True)
+                                        allow_missing=True, module_equality=MODULE_EQUALITY)
     except Exception as exc:  # noqa: BLE001 - TVM raises plain errors on unreadable files
         raise TuningError(f"cannot read the tuning database in {path}: {type(exc).__name__}: {exc}\n"
                           f"  fix: move the folder away (tuning starts afresh)") from exc
@@ -282,7 +319,7 @@ def open_snapshot(path: Path):
         try:
             # JSONDatabase reads everything at construction and writes only on commit
             return ms.database.JSONDatabase(path_workload=str(copies[0]), path_tuning_record=str(copies[1]),
-                                            allow_missing=False)
+                                            allow_missing=False, module_equality=MODULE_EQUALITY)
         except Exception as exc:  # noqa: BLE001
             raise TuningError(f"cannot read the tuning database in {path}: {type(exc).__name__}: {exc}\n"
                               f"  fix: move the folder away (tuning starts afresh)") from exc
@@ -506,23 +543,53 @@ def _make_callback(state: _Progress) -> Any:
 def _extract(prepared: Any, target: Any, config: TuningConfig) -> list[_Task]:
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.analysis import estimate_tir_flops
+    from tvm.s_tir.analysis import estimate_tir_flops, find_anchor_sblock
 
+    calls = _calls_per_anchor(prepared)
     tasks = []
-    for t in ms.relax_integration.extract_tasks(prepared, target):
+    for t in ms.relax_integration.extract_tasks(prepared, target, module_equality=MODULE_EQUALITY):
         mod = t.dispatched[0]
         try:
             flops = float(estimate_tir_flops(mod))
         except Exception:  # noqa: BLE001 - data movement without arithmetic
             flops = 0.0
-        task = _Task(name=t.task_name, key=str(tvm_ffi.structural_hash(mod)), weight=int(t.weight),
-                     flops=flops, extracted=t)
+        anchor = find_anchor_sblock(mod)  # the same key MetaSchedule's anchor-block equality uses
+        key = str(tvm_ffi.structural_hash(anchor if anchor is not None else mod))
+        task = _Task(name=t.task_name, key=key, weight=calls.get(key, int(t.weight)), flops=flops, extracted=t)
         if any(task.name.startswith(p) for p in config.skip_prefixes):
             task.status = "skipped"
         tasks.append(task)
     # heaviest first; ties (zero-FLOP data movement) by name, for a stable order
     tasks.sort(key=lambda t: (-t.heaviness, t.name))
     return tasks
+
+
+def _calls_per_anchor(prepared: Any) -> dict[str, int]:
+    """Call sites in ``main`` per anchor op (MetaSchedule's anchor-block extraction over-counts
+    merged tasks: three conv variants came back with weight 4)."""
+    import collections
+
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+    from tvm.s_tir.analysis import find_anchor_sblock
+
+    sites: collections.Counter[str] = collections.Counter()
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
+            sites[expr.args[0].name_hint] += 1
+
+    for _, func in prepared.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    per_anchor: collections.Counter[str] = collections.Counter()
+    for gv, func in prepared.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and sites[gv.name_hint]:
+            anchor = find_anchor_sblock(tvm.IRModule({"main": func}))
+            if anchor is not None:
+                per_anchor[str(tvm_ffi.structural_hash(anchor))] += sites[gv.name_hint]
+    return dict(per_anchor)
 
 
 def _classify(tasks: Sequence[_Task], db: Any, ledger: dict[str, Any]) -> None:
@@ -541,69 +608,37 @@ def _classify(tasks: Sequence[_Task], db: Any, ledger: dict[str, Any]) -> None:
             task.status = "done"
 
 
-def _plan(tasks: Sequence[_Task], trials: int, config: TuningConfig) -> None:
-    """Give each task its share of ``trials`` (in whole batches), heaviest tasks first.
+def _plan(tasks: Sequence[_Task], trials: int) -> int:
+    """Mark the tasks this run tunes and return its trial budget.
 
-    The share is what a task gets in total, across runs; a partial task gets what it lacks. When
-    the budget is smaller than one batch per task, the heaviest tasks get a batch each and the
-    rest stay untuned (and are tuned by a later compile with budget left).
+    A resumed (partial) task's earlier trials count against the budget, so that a run killed
+    half way and then repeated with the same budget runs only the trials it still lacks. With a
+    budget smaller than one batch per task the heaviest tasks get theirs first; the rest stay
+    untuned, for a later compile with budget left.
     """
     todo = [t for t in tasks if t.status in ("new", "partial")]
+    budget = trials - sum(t.trials_before for t in todo if t.status == "partial")
     if not todo or trials <= 0:
-        return
-    per_iter = config.trials_per_iter
-    share = max(per_iter, per_iter * round(trials / len(todo) / per_iter)) if trials >= per_iter * len(todo) \
-        else per_iter
-    budget = trials
+        return 0
+    if budget <= 0:  # an interrupted run had already spent this budget
+        for task in todo:
+            task.status = "done"
+        return 0
     for task in todo:
-        need = max(0, share - task.trials_before) if task.status == "partial" else share
-        if need == 0:
-            task.status = "done"  # an interrupted run had already measured its share
-            continue
-        need = min(need, budget)
-        task.allotted = need
-        budget -= need
-        if budget <= 0:
-            break
+        task.planned = True
+    return budget
 
 
-def _rebalance(planned: Sequence[_Task], per_iter: int) -> list[_Task]:
-    """Re-divide the run's trials by each task's share of the model's time, once every task has
-    had its first batch (and so has a measured latency).
+def _warmup(config: TuningConfig) -> int:
+    """Measured samples before the XGBoost model ranks candidates (random before that).
 
-    The even split of :func:`_plan` is all that can be done before anything is measured; after
-    that, a conv that costs the model 1 ms is worth ten times the trials of a 0.1 ms pool. Each
-    task keeps what it has run and gets a share of the rest proportional to ``best_ms x weight``
-    (whole batches, largest remainder first), so the run's total stays the planned total. A task
-    with no measured latency (every build failed) gets nothing more.
-
-    Returns:
-        The tasks whose allotment is already used up (to be marked complete).
+    Two batches: the model is shared by every task of the run and trained on relative
+    throughput per workload, so a few dozen samples already rank candidates better than chance;
+    MetaSchedule's 100 spent the first minutes of a short run on random search.
     """
-    total = sum(t.allotted for t in planned)
-    remaining = total - sum(t.trials_run for t in planned)
-    cost = {id(t): (t.best_ms or 0.0) * t.weight for t in planned}
-    live = [t for t in planned if not t.complete and cost[id(t)] > 0]
-    for t in planned:
-        if not t.complete:
-            t.allotted = t.trials_run
-    batches = max(0, remaining) // per_iter
-    total_cost = sum(cost[id(t)] for t in live)
-    if live and batches and total_cost > 0:
-        exact = {id(t): batches * cost[id(t)] / total_cost for t in live}
-        given = {id(t): int(exact[id(t)]) for t in live}
-        left = batches - sum(given.values())
-        for t in sorted(live, key=lambda t: given[id(t)] - exact[id(t)])[:left]:
-            given[id(t)] += 1
-        for t in live:
-            t.allotted += per_iter * given[id(t)]
-    return [t for t in planned if not t.complete and t.trials_run >= t.allotted]
-
-
-def _warmup(config: TuningConfig, planned: int) -> int:
     if config.warmup_samples is not None:
         return config.warmup_samples
-    return int(min(100, max(16, planned // 8)))
+    return 2 * config.trials_per_iter
 
 
 def _model_estimate_ms(tasks: Sequence[_Task]) -> float | None:
@@ -656,81 +691,21 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
         ledger = _read_ledger(ledger_path)
         tasks = _extract(prepared, target, config)
         _classify(tasks, db, ledger)
-        _plan(tasks, trials, config)
+        budget = _plan(tasks, trials)
+        planned = [t for t in tasks if t.planned]
         report: dict[str, Any] = {
             "database": str(path),
             "tasks": len(tasks),
             "tasks_in_database": sum(t.status == "done" for t in tasks),
             "new_tasks": sum(t.status in ("new", "partial") for t in tasks),
-            "resumed_tasks": sum(t.status == "partial" and t.allotted > 0 for t in tasks),
+            "resumed_tasks": sum(t.status == "partial" and t.planned for t in tasks),
             "skipped_tasks": [t.name for t in tasks if t.status == "skipped"],
             "budget": {"trials": trials, "time_s": time_budget_s},
         }
-        planned = [t for t in tasks if t.allotted > 0]
         state = _Progress(bar=None, ledger=ledger, ledger_path=ledger_path,
                           deadline=None if not time_budget_s else t0 + float(time_budget_s))
         if planned:
-            runner_obj = _make_runner(deployment, config, runner)
-            total = sum(t.allotted for t in planned)
-            report["builder"] = _builder_kind(config, total)
-            builder = _make_builder(config, report["builder"])
-            # one model for all tasks of the run: what it learns on one conv carries to the next
-            cost_model = ms.cost_model.XGBModel(num_warmup_samples=_warmup(config, total)) \
-                if config.cost_model == "xgb" else ms.cost_model.RandomModel()
-            callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_callback(state)]
-            if progress:
-                from tqdm.auto import tqdm
-
-                state.bar = tqdm(total=total, unit="trial", desc=f"tuning {len(planned)} task(s)",
-                                 file=sys.stderr, dynamic_ncols=True)
-            strategy = ms.search_strategy.EvolutionarySearch(population_size=config.population_size,
-                                                             genetic_num_iters=config.genetic_num_iters)
-            try:
-                # One MetaSchedule job per batch: the deadline is checked between batches
-                # (terminating a task from a callback trips MetaSchedule's own bookkeeping) and each
-                # job's search is seeded with the task's best records.
-                batch, rebalanced = 0, len(planned) < 2
-                while True:
-                    active = [t for t in planned if not t.complete]
-                    if not active:
-                        break
-                    # the very first batch always runs, so that even a budget shorter than one
-                    # batch makes progress across repeated compiles
-                    if batch > 0 and state.deadline is not None and time.monotonic() >= state.deadline:
-                        state.stopped_by_time = True
-                        break
-                    task = _next_task(active)
-                    state.task = task
-                    if state.bar is not None:
-                        state.bar.set_description(
-                            f"task {planned.index(task) + 1}/{len(planned)} {task.name}", refresh=True)
-                    n = min(config.trials_per_iter, task.allotted - task.trials_run)
-                    _quiet_metaschedule_console()  # both calls below reconfigure its logging
-                    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                        [task.extracted], work_dir=str(path), strategy=strategy,
-                        seed=config.seed + 7919 * batch + task.trials_before + task.trials_run)
-                    before = task.trials_run
-                    ms.tune.tune_tasks(
-                        tasks=ctxs, task_weights=weights, work_dir=str(path), max_trials_global=n,
-                        max_trials_per_task=n, num_trials_per_iter=n, builder=builder, runner=runner_obj,
-                        database=db, cost_model=cost_model, measure_callbacks=callbacks,
-                        task_scheduler="round-robin")
-                    batch += 1
-                    task.batches += 1
-                    # allotment reached, or the search space ran dry: done for good
-                    finished = [task] if task.trials_run >= task.allotted or task.trials_run == before else []
-                    if not rebalanced and all(t.batches > 0 or t.complete for t in planned):
-                        rebalanced = True
-                        finished += [t for t in _rebalance(planned, config.trials_per_iter) if t is not task]
-                    for t in finished:
-                        _finish(t, ledger)
-                    if finished:
-                        _write_ledger(ledger_path, ledger)
-            finally:
-                if state.bar is not None:
-                    state.bar.close()
-                if hasattr(builder, "close"):
-                    builder.close()  # the pool's workers hold a GB between them
+            _run(planned, budget, db, path, deployment, config, runner, state, progress)
         report.update({
             "tasks_tuned": sum(t.trials_run > 0 for t in tasks),
             "tasks_completed": sum(t.complete for t in tasks),
@@ -739,10 +714,92 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
             "wall_s": round(time.monotonic() - t0, 3),
             "estimated_model_ms": _model_estimate_ms(tasks),
             "per_task": [{"name": t.name, "weight": t.weight, "flops": t.flops, "status": t.status,
-                          "trials_before": t.trials_before, "allotted": t.allotted, "trials_run": t.trials_run,
-                          "batches": t.batches, "best_ms": t.best_ms} for t in tasks],
+                          "trials_before": t.trials_before, "trials_run": t.trials_run,
+                          "batches": t.batches, "best_ms": t.best_ms, "history": t.history} for t in tasks],
         })
+        if planned:
+            report["builder"] = state.builder_kind
         return db, report
+
+
+def _run(planned: list[_Task], budget: int, db: Any, path: Path, deployment: Deployment, config: TuningConfig,
+         runner: Any, state: _Progress, progress: bool) -> None:
+    """Spend ``budget`` trials (or the time budget) on ``planned``, one MetaSchedule job per batch.
+
+    One job per batch: the deadline is checked between batches (terminating a task from a
+    callback trips MetaSchedule's own bookkeeping), records reach the disk after every batch, and
+    each job's evolutionary search is seeded with the task's best records so far.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    per_iter = config.trials_per_iter
+    runner_obj = _make_runner(deployment, config, runner)
+    state.builder_kind = _builder_kind(config, budget)
+    builder = _make_builder(config, state.builder_kind)
+    warmup = _warmup(config)
+    # one model for all tasks of the run: what it learns on one conv carries to the next
+    cost_model = ms.cost_model.XGBModel(num_warmup_samples=warmup) \
+        if config.cost_model == "xgb" else ms.cost_model.RandomModel()
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_callback(state)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        state.bar = tqdm(total=budget, unit="trial", desc=f"tuning {len(planned)} task(s)",
+                         file=sys.stderr, dynamic_ncols=True)
+    strategy = ms.search_strategy.EvolutionarySearch(population_size=config.population_size,
+                                                     genetic_num_iters=config.genetic_num_iters)
+    # Until the cost model has its warm-up samples it ranks candidates at random, so evolving a
+    # large population is wasted work (a third of a batch on 2 cores): sample, do not evolve.
+    sampling = ms.search_strategy.EvolutionarySearch(population_size=max(2 * per_iter, 32), genetic_num_iters=0)
+    empty_batches: dict[str, int] = {}
+    batch = 0
+    try:
+        while state.trials < budget:
+            active = [t for t in planned if not t.complete]
+            if not active:
+                break
+            # the very first batch always runs, so that even a budget shorter than one
+            # batch makes progress across repeated compiles
+            if batch > 0 and state.deadline is not None and time.monotonic() >= state.deadline:
+                state.stopped_by_time = True
+                break
+            task = _next_task(active, per_iter)
+            state.task = task
+            if state.bar is not None:
+                state.bar.set_description(f"task {planned.index(task) + 1}/{len(planned)} {task.name}",
+                                          refresh=True)
+            n = min(per_iter, budget - state.trials)
+            _quiet_metaschedule_console()  # both calls below reconfigure its logging
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [task.extracted], work_dir=str(path),
+                strategy=sampling if config.cost_model == "xgb" and state.trials < warmup else strategy,
+                seed=config.seed + 7919 * batch + task.trials_before + task.trials_run)
+            before = task.trials_run
+            ms.tune.tune_tasks(
+                tasks=ctxs, task_weights=weights, work_dir=str(path), max_trials_global=n,
+                max_trials_per_task=n, num_trials_per_iter=n, builder=builder, runner=runner_obj,
+                database=db, cost_model=cost_model, measure_callbacks=callbacks,
+                task_scheduler="round-robin", module_equality=MODULE_EQUALITY)
+            batch += 1
+            task.batches += 1
+            if task.best_ms is not None:
+                task.history.append(task.best_ms)
+            # two batches in a row without a new candidate: the search space has run dry
+            empty_batches[task.key] = empty_batches.get(task.key, 0) + 1 if task.trials_run == before else 0
+            if empty_batches[task.key] >= 2 or (task.best_ms is None and task.trials_run > before):
+                # (or every candidate of its first batch failed: nothing to build on)
+                _finish(task, state.ledger)
+                _write_ledger(state.ledger_path, state.ledger)
+        if not state.stopped_by_time:  # the budget is spent: every task got what this run judged it worth
+            for task in planned:  # (one the budget never reached stays new, for a later compile)
+                if not task.complete and (task.trials_run or task.trials_before):
+                    _finish(task, state.ledger)
+            _write_ledger(state.ledger_path, state.ledger)
+    finally:
+        if state.bar is not None:
+            state.bar.close()
+        if hasattr(builder, "close"):
+            builder.close()  # the pool's workers hold a GB between them
 
 
 def _finish(task: _Task, ledger: dict[str, Any]) -> None:

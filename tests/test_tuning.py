@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from omnic import Deployment, engine, tuning
+from omnic.compiler import scheduled_kernels
 from omnic.measure import MeasureConfig
 
 FAST = tuning.TuningConfig(trials_per_iter=4, population_size=24, genetic_num_iters=1, number=2,
@@ -271,21 +272,53 @@ def test_batches_go_to_the_costliest_task_after_one_each():
     assert conv.batches >= 5 * pool.batches  # 2 ms of model time vs 0.2 ms
 
 
-def test_trials_are_redivided_by_measured_cost_after_one_batch_each():
-    """Once measured, a task that costs the model 10x the time gets ~10x the remaining trials;
-    the run's total is unchanged and a task whose builds all failed gets nothing more."""
-    from omnic.tuning import _rebalance, _Task
+def test_a_task_that_stops_improving_yields_to_one_that_still_improves():
+    """The claim blends 1 / batches with the measured improvement of the last two batches: the
+    conv still gaining 15 % a batch gets more batches than the converged one, even once it costs
+    the model less (1 / batches alone would give the converged one 9 of 16), and the converged
+    one still gets some (the forward term keeps it in the race)."""
+    from omnic.tuning import _next_task, _Task
 
-    tasks = [_Task(name=n, key=n, weight=w, flops=1.0, extracted=None) for n, w in
-             (("conv", 2), ("conv_b", 1), ("pool", 1), ("broken", 1))]
-    for t, ms in zip(tasks, (1.0, 0.5, 0.1, None)):
-        t.allotted, t.trials_run, t.batches, t.best_ms = 40, 8, 1, ms
-    done = _rebalance(tasks, per_iter=8)
-    conv, conv_b, pool, broken = tasks
-    assert sum(t.allotted for t in tasks) <= 160 and sum(t.allotted for t in tasks) > 150
-    assert all(t.allotted % 8 == 0 and t.allotted >= t.trials_run for t in tasks)
-    assert broken.allotted == 8 and broken in done  # no measured latency: complete as it stands
-    extra = {t.name: t.allotted - t.trials_run for t in tasks}
-    # remaining 128 trials = 16 batches by cost 2.0 : 0.5 : 0.1 -> 12.3 : 3.1 : 0.6 batches
-    assert extra["conv"] == 96 and extra["conv_b"] == 24 and extra["pool"] == 8
-    assert conv.allotted > 40 and pool.allotted < 40  # the even split is gone
+    flat = _Task(name="flat", key="a", weight=1, flops=2.0, extracted=None)
+    steep = _Task(name="steep", key="b", weight=1, flops=1.0, extracted=None)
+    latency = {"flat": lambda b: 1.0, "steep": lambda b: max(0.5, 2.0 * 0.85 ** b)}
+    order = []
+    for _ in range(16):
+        task = _next_task([flat, steep], per_iter=8)
+        order.append(task.name)
+        task.batches += 1
+        task.best_ms = latency[task.name](task.batches)
+        task.history.append(task.best_ms)
+    assert order[:2] == ["flat", "steep"]  # coverage first, heaviest first
+    assert steep.batches > flat.batches >= 4, order
+    # a resumed task counts the batches of earlier runs: its forward claim is already small
+    resumed = _Task(name="resumed", key="c", weight=1, flops=1.0, extracted=None, trials_before=80, best_ms=1.0)
+    fresh = _Task(name="fresh", key="d", weight=1, flops=1.0, extracted=None, best_ms=1.0, batches=1)
+    assert resumed.claim(8) < fresh.claim(8)
+    assert _Task(name="broken", key="e", weight=3, flops=1.0, extracted=None, batches=1).claim(8) == 0.0
+
+
+def test_epilogue_variants_of_one_conv_are_one_task(fresh_cache):
+    """conv+bias, conv+bias+relu and conv+bias+add share the anchor conv: one task of weight 3,
+    tuned once, and its schedule serves all three kernels (outputs still match PyTorch)."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(16, 16, 3, padding=1) for _ in range(3))
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            z = self.b(y) + x
+            return self.c(z)
+
+    torch.manual_seed(0)
+    model, x = Tied().eval(), torch.randn(1, 16, 16, 16)
+    with tuning.using(FAST):
+        dm = engine.compile(model, Deployment(device="host", tuning_trials=8), x, progress=False)
+    rep = dm.report["tuning"]
+    convs = [t for t in rep["per_task"] if t["name"].startswith("fused_conv2d")]
+    assert len(convs) == 1 and convs[0]["weight"] == 3 and convs[0]["trials_run"] > 0, rep["per_task"]
+    sched, _ = scheduled_kernels(dm.module)
+    assert sum(name.startswith("fused_conv2d") for name in sched) == 3, sched
+    assert dm.report["max_rel_error"] <= 1e-4
