@@ -18,7 +18,8 @@ from omnic.targets import DeviceSpec
 #: measurements of an older revision are not returned as if they were of the current one.
 #: 2: int8 VNNI packing pads channels; depthwise convs follow ``DeviceSpec.int8_depthwise``.
 #: 3: int8 convs are packed for the AArch64 sdot too.
-PIPELINE_REVISION = 3
+#: 4: tuning records are shared by kernels with the same anchor op (tuning.MODULE_EQUALITY).
+PIPELINE_REVISION = 4
 
 
 def _tvm():
