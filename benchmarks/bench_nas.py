@@ -172,7 +172,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = Path(tempfile.mkdtemp(prefix="nas-bench-")) / "latency.sqlite"
-    oracle = Oracle(LatencyStore(store), MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2))
+    oracle = Oracle(LatencyStore(store), MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2, time_budget_s=0.1))
     res = {"args": vars(args)}
     t = time.perf_counter()
     if args.only != "fastnas":

@@ -24,7 +24,7 @@ from omnic.rpc_batch import BatchConfig
 from tests.rpc_fixtures import FARM_KEY, rpc_farm, rpc_farm_module  # noqa: F401  (fixtures)
 
 # Short measurements: these tests check plumbing and fault handling, not the numbers.
-QUICK = MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1)
+QUICK = MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1)
 
 
 class TwoConv(nn.Module):
@@ -172,7 +172,7 @@ def test_server_killed_during_batch_the_batch_completes(rpc_farm, tmp_path, monk
 
     monkeypatch.setattr(rpc_batch, "measure_on_server", measure_and_kill)
     oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"),
-                    MeasureConfig(min_repeat_ms=400, repeats=3, max_rounds=1))
+                    MeasureConfig(min_repeat_ms=400, repeats=3, max_rounds=1, time_budget_s=0.1))
     models = [_model(w) for w in (4, 6, 8, 10)]
     results = oracle.measure_many(models, _deployment(rpc_farm), X,
                                   batch=BatchConfig(backoff_s=0.2, max_retries=3, timeout_s=60))

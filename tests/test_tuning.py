@@ -90,7 +90,7 @@ def test_tuning_beats_untuned_and_database_is_shared(cache):
     assert tuned.report["kernels_scheduled"] >= 4
     assert tuned.report["max_rel_error"] <= 1e-4
 
-    config = MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2)
+    config = MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2, time_budget_s=0.1)
     t_untuned = untuned.measure(config).median_ms
     t_tuned = tuned.measure(config).median_ms
     assert t_tuned < t_untuned, (t_tuned, t_untuned)

@@ -10,7 +10,7 @@ from omnic.cache import cache_root
 from omnic.compiler import PIPELINE_REVISION
 from omnic.deployment import Deployment
 from omnic.ir import TracedModel, trace
-from omnic.measure import MeasureConfig, Measurement
+from omnic.measure import PROTOCOL_REVISION, MeasureConfig, Measurement
 from omnic.oracle.store import LatencyStore, StoreKey
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class Oracle:
 
     def key(self, traced: TracedModel, deployment: Deployment) -> StoreKey:
         context = (f"threads={deployment.threads or 'default'};trials={deployment.tuning_trials}"
-                   f";pipeline={PIPELINE_REVISION}")
+                   f";pipeline={PIPELINE_REVISION};protocol={PROTOCOL_REVISION}")
         if deployment.is_remote:
             context += f";key={deployment.rpc_key}"
         return StoreKey(device=deployment.device, precision=deployment.precision,

@@ -15,7 +15,7 @@ from omnic import engine, nas, zoo
 from omnic.errors import DeploymentError
 from omnic.measure import MeasureConfig
 
-LEAN = MeasureConfig(min_repeat_ms=20.0, repeats=5, max_rounds=2)
+LEAN = MeasureConfig(min_repeat_ms=20.0, repeats=5, max_rounds=2, time_budget_s=0.1)
 
 
 def _not_worse(report) -> None:

@@ -14,7 +14,7 @@ def oracle(tmp_path_factory):
     from omnic.oracle import LatencyStore, Oracle
 
     path = tmp_path_factory.mktemp("search-oracle") / "latency.sqlite"
-    return Oracle(LatencyStore(path), MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1))
+    return Oracle(LatencyStore(path), MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1))
 
 
 @pytest.fixture(scope="session")
