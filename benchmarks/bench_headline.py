@@ -210,8 +210,8 @@ def section_predictor(args: argparse.Namespace, out: Path) -> dict:
     from omnic.oracle import predictor as P
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    fit = P.collect(P.fit_variants(args.predictor_fit), "host", log=log)
-    held = P.collect(P.eval_variants(args.predictor_eval, args.predictor_fit), "host", log=log)
+    fit = P.collect(P.fit_variants(args.predictor_fit), "host", log=log, sessions=2)
+    held = P.collect(P.eval_variants(args.predictor_eval, args.predictor_fit), "host", log=log, sessions=2)
     t = time.perf_counter()
     pred = P.LatencyPredictor("host").fit(fit)
     fit_s = time.perf_counter() - t
@@ -222,14 +222,17 @@ def section_predictor(args: argparse.Namespace, out: Path) -> dict:
         pred._memo.clear()
         pred.predict_many(nets)
         reps += 1
-    floor = P.accuracy([s["e2e_ms"] for s in held], [s["e2e_again_ms"] for s in held])
+    floor = P.accuracy([s["e2e_early_ms"] for s in held], [s["e2e_again_ms"] for s in held])
+    # against one oracle call instead of the fastest of the sample's measurements
+    single = P.accuracy([s["e2e_first_ms"] for s in held], [pred.predict_features(s["kernels"]) for s in held])
     # the same regressor against the contention-free target: the sum of in-graph kernel times
     kernel_sum = P.LatencyPredictor("host", target="kernel_sum_ms").fit(fit).evaluate(held)
     return {"fit_networks": len(fit), "held_out_networks": len(held), "target": pred.target,
             "kernel_sum_within_10": kernel_sum.within_10, "kernel_sum_mape": kernel_sum.mape,
             "within_10": ev.within_10, "rmse_ms": ev.rmse_ms, "mape": ev.mape, "median_ape": ev.median_ape,
             "fit_s": round(fit_s, 2), "predictions_per_s": reps * len(nets) / (time.perf_counter() - t),
-            "noise_floor_within_10": floor.within_10, "tuning_state": P.TUNING_STATE}
+            "noise_floor_within_10": floor.within_10, "single_call_within_10": single.within_10,
+            "tuning_state": P.TUNING_STATE}
 
 
 def section_search(args: argparse.Namespace, out: Path) -> dict:
@@ -243,7 +246,7 @@ def section_search(args: argparse.Namespace, out: Path) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["OMNIC_CACHE_DIR"] = str(cache)
     torch.set_num_threads(1)
-    oracle = Oracle(LatencyStore(cache / "latency.sqlite"), MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2))
+    oracle = Oracle(LatencyStore(cache / "latency.sqlite"), MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2, time_budget_s=0.1))
     nas_args = argparse.Namespace(size=16, width=32, epochs=args.search_epochs, measurements=args.search_measurements,
                                   population=20, generations=args.search_generations, seeds=[0])
     t = time.perf_counter()
@@ -315,7 +318,8 @@ def report(args: argparse.Namespace, out: Path) -> str:
                   f"| {100 * o['same_model_spread']:.1f}% |"]
     p = r.get("predictor")
     if p:
-        lines += [f"| predictor (`host`, {p['tuning_state']} kernels, target {p['target']}): held-out within +-10% "
+        lines += [f"| predictor (`host`, {p['tuning_state']} kernels, target {p['target']}, the fastest of 4 "
+                  f"oracle measurements): held-out within +-10% "
                   f"({p['held_out_networks']} networks, fit on {p['fit_networks']}) | **{100 * p['within_10']:.1f}%** |",
                   f"| predictor: RMSE / mean abs error / median abs error | {p['rmse_ms']:.2f} ms / "
                   f"{100 * p['mape']:.1f}% / {100 * p['median_ape']:.1f}% |",
@@ -323,8 +327,10 @@ def report(args: argparse.Namespace, out: Path) -> str:
                   f"kernels): within +-10% / mean abs error | {100 * p['kernel_sum_within_10']:.1f}% / "
                   f"{100 * p['kernel_sum_mape']:.1f}% |",
                   f"| predictor: network predictions / s (batched) | {p['predictions_per_s']:.0f} |",
-                  f"| predictor: noise floor (same binary measured twice, within +-10%) "
-                  f"| {100 * p['noise_floor_within_10']:.1f}% |"]
+                  f"| predictor: noise floor (two independent estimates of the same binary, within +-10%) "
+                  f"| {100 * p['noise_floor_within_10']:.1f}% |",
+                  f"| predictor: within +-10% of a single oracle call (not the fastest of four) "
+                  f"| {100 * p.get('single_call_within_10', float('nan')):.1f}% |"]
     s = r.get("search")
     if s:
         for row in s["rows"]:
@@ -364,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oracle-candidates", type=int, default=12)
     ap.add_argument("--oracle-trials", type=int, default=32, help="tuning trials per candidate (cold pass)")
     ap.add_argument("--oracle-repeat", type=int, default=5)
-    ap.add_argument("--predictor-fit", type=int, default=56)
-    ap.add_argument("--predictor-eval", type=int, default=20)
+    ap.add_argument("--predictor-fit", type=int, default=90)
+    ap.add_argument("--predictor-eval", type=int, default=30)
     ap.add_argument("--search-epochs", type=int, default=4)
     ap.add_argument("--search-measurements", type=int, default=12)
     ap.add_argument("--search-generations", type=int, default=5)

@@ -116,17 +116,25 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, in_channels: int = 3):
+    """MobileNetV2; ``kernel`` (depthwise kernel size) and ``depths`` (blocks per stage, default
+    1, 2, 3, 4, 3, 3, 1) make the kernel- and depth-variants a search space explores."""
+
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, in_channels: int = 3,
+                 kernel: int = 3, depths: tuple[int, ...] | None = None):
         super().__init__()
         setting = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                    (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+        if depths is not None:
+            if len(depths) != len(setting) or min(depths) < 1:
+                raise ValueError(f"depths needs {len(setting)} block counts >= 1, got {depths}")
+            setting = [(t, c, n, s) for (t, c, _, s), n in zip(setting, depths)]
         cin = _make_divisible(32 * width_mult)
         last = _make_divisible(1280 * max(1.0, width_mult))
         features: list[nn.Module] = [ConvBNAct(in_channels, cin, 3, 2, act=nn.ReLU6)]
         for t, c, n, s in setting:
             cout = _make_divisible(c * width_mult)
             for i in range(n):
-                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, kernel=kernel))
                 cin = cout
         features.append(ConvBNAct(cin, last, 1, act=nn.ReLU6))
         self.features = nn.Sequential(*features)
