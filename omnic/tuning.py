@@ -528,7 +528,7 @@ def _make_callback(state: _Progress) -> Any:
                 entry["best_ms"] = task.best_ms
                 _write_ledger(state.ledger_path, state.ledger)
                 if task.best_ms is not None:
-                    state.total_ms[task.key] = task.best_ms * task.weight
+                    state.total_ms[task.key] = task.model_ms
             if state.bar is not None:
                 state.bar.update(n)
                 best = "-" if task is None or task.best_ms is None else f"{task.best_ms:.4f}ms"
@@ -642,7 +642,7 @@ def _warmup(config: TuningConfig) -> int:
 
 
 def _model_estimate_ms(tasks: Sequence[_Task]) -> float | None:
-    known = [t.best_ms * t.weight for t in tasks if t.best_ms is not None]
+    known = [t.model_ms for t in tasks if t.best_ms is not None]
     return round(sum(known), 6) if known else None
 
 
