@@ -6,20 +6,21 @@ predictor never guesses fusion rules. For each PrimFunc it reads features from t
 tokens from the name, FLOPs from the loop extents of the reduction block, bytes of inputs,
 weights and outputs, key conv/matmul dims, and the work of each loop nest) and predicts its time
 per call (:class:`_KernelModel`): a kernel measured before gets its measured time; any other gets
-a linear model over its loop-nest work, corrected by XGBoost regressors. Network latency is the sum of the predicted kernels times their call counts, passed through a
-fitted linear overhead model ``a * sum + b * calls + c`` (VM dispatch, allocation, cache effects).
+a linear model over its loop-nest work, corrected by XGBoost regressors. Network latency is the
+sum of the predicted kernels times their call counts, passed through a fitted linear overhead
+model ``a * sum + b * calls + c`` (VM dispatch, allocation, cache effects).
 
 Tuning state: the predictor describes the code ``engine.compile`` builds for a deployment with
 *no tuning database applied* (``compiler.build(prepared, spec, target, None)``). Tuned kernels
 run at a different speed; a predictor for a tuned device needs samples collected from tuned
 builds, which is why the saved file records ``tuning_state``.
 
-What is predicted (``target``, recorded in the saved file): ``kernel_sum_ms`` (the default),
-the sum of each kernel's fastest in-graph time, i.e. what the network costs when it has the
-cores to itself; or the oracle's end-to-end median ``e2e_ms`` (or fastest repeat
-``e2e_min_ms``). On a quiet machine these agree up to the fitted overhead; on the shared 2-core
-development box other processes make the end-to-end figures swing by up to 2x between two
-measurements of the same binary, which no predictor can follow (``benchmarks/README.md``).
+What is predicted (``target``, recorded in the saved file): the oracle's end-to-end latency
+``e2e_ms`` (the default): for each sample the fastest of the oracle-protocol medians taken over
+its measurement sessions, since a shared 2-core VM's interference only ever adds time; or its
+fastest repeat ``e2e_min_ms``; or ``kernel_sum_ms``, the sum of each kernel's fastest in-graph
+time (what the network costs with the cores to itself). Kernels are always fitted on their
+fastest in-graph times; the overhead model maps their sum to the target.
 
 Cost: :meth:`LatencyPredictor.predict` traces, lowers and prepares the model (torch.export
 dominates, 1-5 s on a quiet machine; no LLVM build). Callers that already hold kernel
