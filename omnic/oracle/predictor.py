@@ -572,9 +572,8 @@ def _measure_session(sample: dict[str, Any], executable: Any, deployment: Any, *
             continue
         fastest = max(1e-5, r["min_ms"] / r["calls"] - hook_ms)
         median = max(1e-5, r["median_ms"] / r["calls"] - hook_ms)
-        k["ms_per_call"] = fastest if first or k.get("ms_per_call") is None else min(k["ms_per_call"], fastest)
-        k["ms_per_call_median"] = median if first or k.get("ms_per_call_median") is None \
-            else min(k["ms_per_call_median"], median)
+        k["ms_per_call"] = min(fastest, k.get("ms_per_call") or fastest)
+        k["ms_per_call_median"] = min(median, k.get("ms_per_call_median") or median)
     medians = [m.median_ms for m in e2e]
     repeats = [v for m in e2e for v in m.results_ms]
     if first:
@@ -679,6 +678,12 @@ def load_samples(device: str, path: Path | None = None) -> list[dict[str, Any]]:
     return list(by_key.values())
 
 
+def _append_sample(path: Path, sample: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(sample, default=_no_cache) + "\n")
+    sample["kernel_sum_ms"] = _kernel_sum(sample)
+
+
 def collect(variants: Sequence[Variant], deployment: Any = "host", *, path: Path | None = None,
             log=print, measure: bool = True, sessions: int = 1, **sample_kwargs: Any) -> list[dict[str, Any]]:
     """Samples for ``variants``: stored ones are reused, the rest measured and appended.
@@ -707,9 +712,7 @@ def collect(variants: Sequence[Variant], deployment: Any = "host", *, path: Path
         except Exception as exc:  # noqa: BLE001 - a failed variant is skipped, not fatal
             log(f"[{i + 1}/{len(variants)}] {v.key}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
             continue
-        with path.open("a") as f:
-            f.write(json.dumps(s, default=_no_cache) + "\n")
-        s["kernel_sum_ms"] = _kernel_sum(s)
+        _append_sample(path, s)
         out.append(s)
         log(f"[{i + 1}/{len(variants)}] {v.key}: {s['e2e_ms']:.3f} ms (spread {100 * s['spread']:.1f}%), "
             f"{len(s['kernels'])} kernels, {time.perf_counter() - t0:.1f} s")
@@ -725,9 +728,7 @@ def collect(variants: Sequence[Variant], deployment: Any = "host", *, path: Path
             except Exception as exc:  # noqa: BLE001 - the first session's figures stand
                 log(f"[session {session}, {i + 1}/{len(out)}] {s['key']}: FAILED {type(exc).__name__}: {exc}")
                 continue
-            with path.open("a") as f:
-                f.write(json.dumps(s, default=_no_cache) + "\n")
-            s["kernel_sum_ms"] = _kernel_sum(s)
+            _append_sample(path, s)  # the newer line wins on load
             log(f"[session {session}, {i + 1}/{len(out)}] {s['key']}: {before:.3f} -> {s['e2e_ms']:.3f} ms "
                 f"(this session's fastest {s['e2e_again_ms']:.3f})")
     return out
