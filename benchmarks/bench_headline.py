@@ -54,9 +54,24 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024.0
 
 
+def conv_table(model_name: str, versus: dict | None, top: int = 8) -> list[str]:
+    """Markdown: the convs where omnic loses most time to ONNX Runtime, and the totals."""
+    if not versus or not versus.get("pairs"):
+        return []
+    lines = [f"\n{model_name}, conv by conv against ONNX Runtime (each call's fastest of 30 runs in 3 sessions; "
+             f"convs {versus['omnic_conv_ms']:.3f} vs {versus['ort_conv_ms']:.3f} ms, everything else "
+             f"{versus['omnic_rest_ms']:.3f} vs {versus['ort_rest_ms']:.3f} ms"
+             + (f"; ORT convs without an omnic match: {len(versus['unpaired_ort'])}" if versus["unpaired_ort"] else "")
+             + "):", "", "| ORT node | omnic kernel | weights | omnic ms | ORT ms | omnic - ORT |", "|---|---|---:|---:|---:|---:|"]
+    for p in sorted(versus["pairs"], key=lambda p: p["ort_ms"] - p["omnic_ms"])[:top]:
+        lines.append(f"| {p['ort']} | {p['omnic']} | {p['weight_elements']} | {p['omnic_ms']:.3f} | {p['ort_ms']:.3f} "
+                     f"| {p['omnic_ms'] - p['ort_ms']:+.3f} |")
+    return lines
+
+
 # ------------------------------------------------------------------------------------- sections
 def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
-    from benchmarks.common import side_by_side
+    from benchmarks.common import conv_by_conv, ort_node_times, side_by_side, weight_sizes_in_call_order
     from omnic import Deployment, engine, profiler, tuning, zoo
 
     marks = sorted(args.tune_minutes)
@@ -119,15 +134,20 @@ def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
                      "kernels_scheduled": mdm.report["kernels_scheduled"],
                      "kernels_unscheduled": mdm.report["kernels_unscheduled"], **res})
         last_dm = mdm
-    # where the time goes in the final build (shares: the hook inflates small kernels)
+    # where the time goes in the final build: each call's fastest over runs in separate sessions
+    # (a slow phase of the VM must not decide the ranking), and conv by conv against ORT's own
+    # profile of the same model
     runtime = last_dm.runtime
     inputs = [runtime.to_device(a) for a in last_dm.random_inputs()]
-    kernels = profiler.kernel_times(runtime.vm, runtime.dev, inputs, runs=20)
+    sites = profiler.call_sites(runtime.vm, inputs, runs=30, sessions=3)
+    kernels = profiler.kernels_from_sites(sites)
+    versus = conv_by_conv(sites, ort_node_times(model, x, args.threads, runs=30, sessions=3),
+                          weight_sizes_in_call_order(last_dm.module))
     per_task = sorted(rep.get("per_task", []), key=lambda t: -(t["best_ms"] or 0) * t["weight"])
     return {"model": model_name, "threads": args.threads, "tuning_wall_s": round(tuning_wall, 1),
             "trials": rep["trials"], "tasks": rep["tasks"], "tasks_tuned": rep.get("tasks_tuned"),
             "stopped_by_time": rep.get("stopped_by_time"), "estimated_model_ms": rep.get("estimated_model_ms"),
-            "rows": rows, "top_kernels": kernels[:10],
+            "rows": rows, "top_kernels": kernels[:10], "conv_by_conv": versus,
             "top_tasks": [{k: t[k] for k in ("name", "weight", "trials_run", "batches", "best_ms") if k in t}
                           for t in per_task[:10]],
             "database": str(cache / f"at-{marks[-1]:g}min")}
@@ -302,9 +322,11 @@ def report(args: argparse.Namespace, out: Path) -> str:
             total = sum(k["total_ms"] for k in t["top_kernels"]) or 1.0
             top = ", ".join(f"{k['name']} x{k['calls']} {k['total_ms']:.3f} ms" for k in t["top_kernels"][:5])
             lines.append(f"\n{m}: tuning {t['tuning_wall_s']:.0f} s, {t['trials']} trials, {t['tasks_tuned']}/"
-                         f"{t['tasks']} tasks tuned; top kernels of the final build (instrumented): {top} "
+                         f"{t['tasks']} tasks tuned; top kernels of the final build (instrumented, each call's "
+                         f"fastest): {top} "
                          f"(these five: {100 * sum(k['total_ms'] for k in t['top_kernels'][:5]) / total:.0f}% "
                          f"of the top ten)")
+            lines += conv_table(m, t.get("conv_by_conv"))
     lines += ["", "## Oracle, predictor, search, memory", "", "| figure | value |", "|---|---|"]
     o = r.get("oracle")
     if o:

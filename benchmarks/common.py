@@ -6,6 +6,7 @@ timer is reported beside it so the Python overhead is visible.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -95,3 +96,122 @@ def side_by_side(model: torch.nn.Module, x: torch.Tensor, device_model: Any, *, 
             "ratio_rounds_omnic_ort": float(statistics.median(per_round)),
             "ratio_rounds_native_ort": float(statistics.median(per_round_native)),
             "ratio_rounds_range": [float(min(per_round)), float(max(per_round))]}
+
+
+def ort_node_times(model: torch.nn.Module, x: torch.Tensor, threads: int, *, runs: int = 30, sessions: int = 3,
+                   pause_s: float = 1.0) -> list[dict[str, Any]]:
+    """ONNX Runtime's per-node times (its own profiler), in execution order, like
+    :func:`omnic.profiler.call_sites`: each node's fastest and median over ``runs`` runs split
+    into ``sessions`` separated by ``pause_s``.
+
+    Returns:
+        ``[{"index", "name", "op", "weight_elements", "fastest_ms", "median_ms"}]``.
+    """
+    import json
+    import tempfile
+
+    from omnic.baselines import onnxruntime_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = onnxruntime_session(model, x, threads, profile_prefix=os.path.join(tmp, "ort"))
+        feed = {"x": x.numpy()}
+        warmup = 3
+        for _ in range(warmup):
+            sess.run(None, feed)
+        per_session = max(1, runs // max(1, sessions))
+        for s in range(max(1, sessions)):
+            if s:
+                time.sleep(pause_s)
+            for _ in range(per_session):
+                sess.run(None, feed)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    total_runs = warmup + per_session * max(1, sessions)
+    assert nodes and len(nodes) % total_runs == 0, (len(nodes), total_runs)
+    width = len(nodes) // total_runs
+    timed = [nodes[r * width:(r + 1) * width] for r in range(warmup, total_runs)]
+    rows = []
+    for i, first in enumerate(timed[0]):
+        values = [run[i]["dur"] / 1e3 for run in timed]
+        shapes = first["args"].get("input_type_shape") or []
+        weight = [int(np.prod(next(iter(d.values())))) for d in shapes[1:2]]  # a conv's second input
+        rows.append({"index": i, "name": first["name"][: -len("_kernel_time")], "op": first["args"].get("op_name", ""),
+                     "weight_elements": weight[0] if weight else 0,
+                     "fastest_ms": min(values), "median_ms": statistics.median(values)})
+    return rows
+
+
+def weight_sizes_in_call_order(module: Any) -> list[tuple[str, int]]:
+    """``(kernel, elements of its largest constant argument)`` for each ``call_tir`` of ``main``
+    of a built omnic module, in binding order: the weight of a conv kernel (0: no constant)."""
+    import tvm
+    from tvm import relax
+
+    def constant(expr: Any) -> bool:
+        if isinstance(expr, tvm.ir.expr.Constant):
+            return True
+        if isinstance(expr, relax.Tuple):
+            return all(constant(f) for f in expr.fields)
+        if isinstance(expr, relax.TupleGetItem):
+            return constant(expr.tuple_value)
+        return isinstance(expr, relax.Var) and expr in const_vars
+
+    const_vars: set[Any] = set()
+    calls: list[tuple[str, int]] = []
+    for block in module["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if constant(value):
+                const_vars.add(binding.var)
+            elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) \
+                    and value.op.name == "relax.call_tir":
+                sizes = [int(np.prod([int(d) for d in a.ty.shape])) for a in value.args[1].fields
+                         if constant(a)]
+                calls.append((value.args[0].name_hint, max(sizes, default=0)))
+    return calls
+
+
+def conv_by_conv(omnic_sites: list[dict[str, Any]], ort_nodes: list[dict[str, Any]],
+                 weights: list[tuple[str, int]], *, window: int = 4, max_ratio: float = 1.5) -> dict[str, Any]:
+    """Pair each ONNX Runtime conv node with omnic's kernel of the same conv, to say which convs
+    cost omnic the time it loses.
+
+    The two run a residual block's convs in slightly different orders, and either may pad a
+    weight's channels for its layout (ORT's NCHWc blocks of 16 report a 24-channel weight as 32),
+    so a node is paired with the first of the next ``window`` unpaired omnic convs in call order
+    whose weight size is within a factor of ``max_ratio`` of its own.
+
+    Args:
+        omnic_sites: :func:`omnic.profiler.call_sites` of the omnic build.
+        ort_nodes: :func:`ort_node_times` of the same model.
+        weights: :func:`weight_sizes_in_call_order` of the omnic build's module.
+
+    Returns:
+        ``{"pairs": [...], "omnic_conv_ms", "ort_conv_ms", "omnic_rest_ms", "ort_rest_ms",
+        "unpaired_ort": [...]}`` (the rest: every call that is not a paired conv).
+    """
+    free, bindings = [], iter(weights)
+    for site in (s for s in omnic_sites if s["kind"] == "kernel"):
+        # (a call_tir the VM runs as a builtin, e.g. a reshape, has no kernel call: skip it)
+        weight = next((w for name, w in bindings if name == site["name"]), None)
+        assert weight is not None, f"{site['name']} is not a call_tir binding of main"
+        if "conv2d" in site["name"] and weight:
+            free.append((site, weight))
+    pairs, unpaired = [], []
+    for node in (n for n in ort_nodes if n["op"] in ("Conv", "FusedConv")):
+        w = node.get("weight_elements") or 0
+        hit = next((i for i, (_, ow) in enumerate(free[:window])
+                    if w and abs(math.log(ow / w)) <= math.log(max_ratio)), None)
+        if hit is None:
+            unpaired.append(node["name"])
+            continue
+        site, ow = free.pop(hit)
+        pairs.append({"omnic": site["name"], "ort": node["name"], "weight_elements": ow,
+                      "ort_weight_elements": w, "omnic_ms": site["fastest_ms"], "ort_ms": node["fastest_ms"],
+                      "ratio": site["fastest_ms"] / node["fastest_ms"] if node["fastest_ms"] else None})
+    omnic_conv = sum(p["omnic_ms"] for p in pairs)
+    ort_conv = sum(p["ort_ms"] for p in pairs)
+    return {"pairs": pairs, "omnic_conv_ms": omnic_conv, "ort_conv_ms": ort_conv,
+            "omnic_rest_ms": sum(s["fastest_ms"] for s in omnic_sites) - omnic_conv,
+            "ort_rest_ms": sum(n["fastest_ms"] for n in ort_nodes) - ort_conv, "unpaired_ort": unpaired}

@@ -27,8 +27,12 @@ def per_call_ms(fn: Callable[[], Any], *, min_time_s: float = 1.0, min_calls: in
     return float(statistics.median(times))
 
 
-def onnxruntime_session(model: torch.nn.Module, x: torch.Tensor, threads: int):
-    """An ONNX Runtime CPU session for ``model`` (exported with opset 17, input named ``x``)."""
+def onnxruntime_session(model: torch.nn.Module, x: torch.Tensor, threads: int, *, profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session for ``model`` (exported with opset 17, input named ``x``).
+
+    With ``profile_prefix``, the session records every node's time (ONNX Runtime's profiler;
+    ``session.end_profiling()`` writes the JSON trace and returns its path).
+    """
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -38,6 +42,9 @@ def onnxruntime_session(model: torch.nn.Module, x: torch.Tensor, threads: int):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile_prefix is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 

@@ -614,36 +614,20 @@ def remeasure(sample: dict[str, Any], deployment: Any = "host", *, runs: int = 1
 def _kernel_times(vm, inputs: Sequence[Any], *, runs: int) -> dict[str, dict[str, Any]]:
     """Per VM call target: calls per run and the median and minimum over runs of its total ms.
 
-    Like :func:`omnic.profiler.kernel_times`, plus the minimum: contention from other
-    processes only ever adds time, so the fastest run is the best estimate of the kernel's own
-    cost on a shared machine.
+    Contention from other processes only ever adds time, so the fastest run is the best
+    estimate of the kernel's own cost on a shared machine.
     """
-    per_run: dict[str, float] = {}
-    calls: dict[str, int] = {}
+    from omnic.profiler import instrumented_runs
+
     samples: dict[str, list[float]] = {}
-    starts: dict[str, float] = {}
-    clock = time.perf_counter
-
-    def hook(func, name, before, ret, *args):
-        key = str(name)
-        if before:
-            starts[key] = clock()
-        else:
-            per_run[key] = per_run.get(key, 0.0) + (clock() - starts.pop(key, clock())) * 1e3
+    calls: dict[str, int] = {}
+    for run in instrumented_runs(vm, inputs, runs=runs):
+        per_run: dict[str, float] = {}
+        for key, ms in run:
+            per_run[key] = per_run.get(key, 0.0) + ms
             calls[key] = calls.get(key, 0) + 1
-        return 0
-
-    vm.set_instrument(hook)
-    try:
-        vm["main"](*inputs)  # warm-up
-        calls.clear()
-        for _ in range(runs):
-            per_run.clear()
-            vm["main"](*inputs)
-            for key, ms in per_run.items():
-                samples.setdefault(key, []).append(ms)
-    finally:
-        vm.set_instrument(lambda *a: 0)
+        for key, ms in per_run.items():
+            samples.setdefault(key, []).append(ms)
     return {key: {"calls": calls[key] // runs, "median_ms": float(statistics.median(v)), "min_ms": float(min(v)),
                   "builtin": key.startswith("vm.builtin.")} for key, v in samples.items()}
 

@@ -1,0 +1,47 @@
+"""Per-call and per-kernel times inside a compiled model, and the conv-by-conv comparison with
+ONNX Runtime that the headline benchmark prints."""
+import pytest
+import torch
+
+from benchmarks.common import conv_by_conv, ort_node_times, weight_sizes_in_call_order
+from omnic import engine, profiler
+from omnic.zoo import get_model
+
+
+@pytest.fixture(scope="module")
+def resnet_small():
+    model, x = get_model("resnet_small")
+    dm = engine.compile(model, "host", x)
+    runtime = dm.runtime
+    return model, x, dm, runtime, [runtime.to_device(a) for a in dm.random_inputs()]
+
+
+def test_call_sites_follow_the_call_order_and_sum_into_kernels(resnet_small):
+    _, _, dm, runtime, inputs = resnet_small
+    sites = profiler.call_sites(runtime.vm, inputs, runs=4, sessions=2, pause_s=0.1)
+    assert [s["index"] for s in sites] == list(range(len(sites)))
+    assert all(0.0 <= s["fastest_ms"] <= s["median_ms"] for s in sites)
+    convs = [s for s in sites if s["kind"] == "kernel" and "conv2d" in s["name"]]
+    assert len(convs) >= 5  # resnet_small: stem, two blocks of two, a downsample
+    kernels = profiler.kernels_from_sites(sites)
+    assert sum(k["calls"] for k in kernels) == len(sites)
+    assert abs(sum(k["total_ms"] for k in kernels) - sum(s["fastest_ms"] for s in sites)) < 1e-9
+    assert [k["total_ms"] for k in kernels] == sorted((k["total_ms"] for k in kernels), reverse=True)
+    first = {k["name"]: k["first_call"] for k in kernels}
+    assert all(first[s["name"]] <= s["index"] for s in sites)
+    # whole-model time is at least the sum of the fastest calls (each call's fastest is a lower bound)
+    assert sum(s["fastest_ms"] for s in sites) <= 1.5 * dm.measure().median_ms
+
+
+def test_every_ort_conv_pairs_with_the_omnic_kernel_of_the_same_weight(resnet_small):
+    model, x, dm, runtime, inputs = resnet_small
+    sites = profiler.call_sites(runtime.vm, inputs, runs=4, sessions=1)
+    nodes = ort_node_times(model, x, 2, runs=4, sessions=1)
+    weights = weight_sizes_in_call_order(dm.module)
+    sizes = sorted(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    n_convs = len(sizes)
+    versus = conv_by_conv(sites, nodes, weights)
+    assert versus["unpaired_ort"] == [] and len(versus["pairs"]) == n_convs
+    assert sorted(p["weight_elements"] for p in versus["pairs"]) == sizes
+    assert all(p["omnic_ms"] >= 0 and p["ort_ms"] > 0 for p in versus["pairs"])
+    assert len({p["ort"] for p in versus["pairs"]}) == n_convs  # each node paired once
