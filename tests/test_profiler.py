@@ -12,6 +12,7 @@ from omnic.zoo import get_model
 def resnet_small():
     model, x = get_model("resnet_small")
     dm = engine.compile(model, "host", x)
+    assert dm.report["max_rel_error"] <= 1e-4  # the build computes what PyTorch computes
     runtime = dm.runtime
     return model, x, dm, runtime, [runtime.to_device(a) for a in dm.random_inputs()]
 
