@@ -344,14 +344,19 @@ def _write_ledger(path: Path, ledger: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------- builders
 def fast_build(mod: Any, target: Any, _params: Any = None) -> Any:
-    """MetaSchedule's default build minus ``import tvm.s_tir.tensor_intrin`` (17 s per worker).
+    """MetaSchedule's default build minus ``import tvm.s_tir.tensor_intrin`` (17 s per worker),
+    with omnic's CPU pipeline (:mod:`omnic.stack_align`).
 
     Fine for fp32/fp16 kernels; schedule rules with tensor intrinsics would need the default.
     """
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    from omnic.stack_align import pipeline_name
+
+    # the same TIR pipeline as the final build (aligned vector spills), so what is tuned is what runs
+    pipeline = pipeline_name() if target.kind.name == "llvm" else "default"
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target, pipeline=pipeline)
 
 
 def _light_tensor_intrinsics(target: Any) -> None:
