@@ -19,7 +19,8 @@ from omnic.targets import DeviceSpec
 #: 2: int8 VNNI packing pads channels; depthwise convs follow ``DeviceSpec.int8_depthwise``.
 #: 3: int8 convs are packed for the AArch64 sdot too.
 #: 4: tuning records are shared by kernels with the same anchor op (tuning.MODULE_EQUALITY).
-PIPELINE_REVISION = 4
+#: 5: CPU kernels realign their stack frames (omnic.stack_align), in the tuner's builds too.
+PIPELINE_REVISION = 5
 
 
 def _tvm():

@@ -17,8 +17,11 @@ what runs.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
+#: set to 0 to build with TVM's default pipeline instead (for A/B measurements)
+ENV_SWITCH = "OMNIC_ALIGNED_STACK"
 PIPELINE_NAME = "omnic_aligned_stack"
 ALIGN_BYTES = 64
 _registered = False
@@ -92,10 +95,14 @@ def aligned_stack_pass() -> Any:
 def pipeline_name() -> str:
     """Register (once) and return the name of the TIR pipeline with aligned stacks.
 
-    It is TVM's default S-TIR pipeline followed by :func:`aligned_stack_pass`; pass the name as
-    ``tir_pipeline`` to ``tvm.compile`` or as ``pipeline`` to ``tvm.tirx.build``.
+    It is TVM's default S-TIR pipeline with :func:`aligned_stack_pass` after the host
+    finalisation; pass the name as ``tir_pipeline`` to ``tvm.compile`` or as ``pipeline`` to
+    ``tvm.tirx.build``. With ``OMNIC_ALIGNED_STACK=0`` in the environment it is ``"default"``
+    (TVM's own pipeline), to measure what the alignment changes.
     """
     global _registered
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return "default"
     if not _registered:
         import tvm
         from tvm.tirx import compilation_pipeline
