@@ -269,12 +269,9 @@ def build(mod_prepared, spec: DeviceSpec, target, database=None):
             with target:
                 mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                               dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-        if spec.kind == "cpu":
-            from omnic.stack_align import pipeline_name
+        from omnic.stack_align import pipeline_for
 
-            executable = tvm.compile(mod, target, tir_pipeline=pipeline_name())
-        else:
-            executable = tvm.compile(mod, target)
+        executable = tvm.compile(mod, target, tir_pipeline=pipeline_for(target))
     except Exception as exc:
         raise CompileError(f"building for {spec.name} failed: {type(exc).__name__}: {str(exc)[:800]}") from exc
     return executable, mod

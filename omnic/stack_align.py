@@ -92,6 +92,12 @@ def aligned_stack_pass() -> Any:
     return _pass
 
 
+def pipeline_for(target: Any) -> str:
+    """The TIR pipeline omnic builds ``target`` with: :func:`pipeline_name` for CPU (LLVM)
+    targets, TVM's default for the rest (a GPU build's kernels are not LLVM functions)."""
+    return pipeline_name() if target.kind.name == "llvm" else "default"
+
+
 def pipeline_name() -> str:
     """Register (once) and return the name of the TIR pipeline with aligned stacks.
 

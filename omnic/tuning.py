@@ -352,11 +352,11 @@ def fast_build(mod: Any, target: Any, _params: Any = None) -> Any:
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    from omnic.stack_align import pipeline_name
+    from omnic.stack_align import pipeline_for
 
-    # the same TIR pipeline as the final build (aligned vector spills), so what is tuned is what runs
-    pipeline = pipeline_name() if target.kind.name == "llvm" else "default"
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target, pipeline=pipeline)
+    # the final build's TIR pipeline (aligned vector spills), so what is tuned is what runs
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target,
+                     pipeline=pipeline_for(target))
 
 
 def _light_tensor_intrinsics(target: Any) -> None:
