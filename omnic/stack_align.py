@@ -92,6 +92,11 @@ def aligned_stack_pass() -> Any:
     return _pass
 
 
+def enabled() -> bool:
+    """False when ``OMNIC_ALIGNED_STACK=0`` asks for TVM's default pipeline."""
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
 def pipeline_for(target: Any) -> str:
     """The TIR pipeline omnic builds ``target`` with: :func:`pipeline_name` for CPU (LLVM)
     targets, TVM's default for the rest (a GPU build's kernels are not LLVM functions)."""
@@ -107,7 +112,7 @@ def pipeline_name() -> str:
     (TVM's own pipeline), to measure what the alignment changes.
     """
     global _registered
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if not enabled():
         return "default"
     if not _registered:
         import tvm

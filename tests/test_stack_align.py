@@ -75,3 +75,21 @@ def test_omnic_pipeline_computes_the_same_on_this_host():
     lib["register_tile"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(w, dev), c)
     ref = a @ w
     assert np.abs(c.numpy() - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_an_unaligned_ab_build_is_stored_apart(monkeypatch, tmp_path):
+    """OMNIC_ALIGNED_STACK=0 builds another binary: its latencies must not answer for the default."""
+    import torch
+
+    from omnic import Deployment
+    from omnic.ir import trace
+    from omnic.oracle import Oracle
+    from omnic.oracle.store import LatencyStore
+
+    oracle = Oracle(LatencyStore(tmp_path / "latency.sqlite"))
+    traced = trace(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8))
+    deployment = Deployment(device="host")
+    aligned = oracle.key(traced, deployment)
+    monkeypatch.setenv(stack_align.ENV_SWITCH, "0")
+    assert stack_align.pipeline_for(tvm.target.Target(HOST)) == "default"
+    assert oracle.key(traced, deployment) != aligned

@@ -7,6 +7,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from omnic.cache import cache_root
+from omnic import stack_align
 from omnic.compiler import PIPELINE_REVISION
 from omnic.deployment import Deployment
 from omnic.ir import TracedModel, trace
@@ -35,6 +36,8 @@ class Oracle:
     def key(self, traced: TracedModel, deployment: Deployment) -> StoreKey:
         context = (f"threads={deployment.threads or 'default'};trials={deployment.tuning_trials}"
                    f";pipeline={PIPELINE_REVISION};protocol={PROTOCOL_REVISION}")
+        if not stack_align.enabled():  # an A/B build without aligned stacks is a different binary
+            context += ";unaligned_stack"
         if deployment.is_remote:
             context += f";key={deployment.rpc_key}"
         return StoreKey(device=deployment.device, precision=deployment.precision,
