@@ -141,7 +141,9 @@ def instrumented_runs(vm, inputs: Sequence[Any], *, runs: int) -> list[list[tupl
             vm["main"](*inputs)
             recorded.append(list(current))
     finally:
-        vm.set_instrument(lambda *a: 0)
+        # None removes the hook; a do-nothing Python hook would still cost ~9 us per VM call
+        # (+50 % on MobileNetV2) for every later call of this VM
+        vm.set_instrument(None)
     return recorded
 
 

@@ -549,7 +549,7 @@ def _measure_session(sample: dict[str, Any], executable: Any, deployment: Any, *
     arrays = [rng.standard_normal(tuple(shape)).astype("float32") for shape in sample["input_shapes"]]
     e2e, rounds = [], []
     for i in range(passes):
-        # a fresh VM each time: an instrumented one keeps calling a Python hook around every kernel
+        # a fresh VM for each pass, as the oracle measures a fresh load of the library
         runtime = LocalRuntime(executable)
         inputs = [runtime.to_device(a) for a in arrays]
         e2e.append(time_vm(runtime.vm, runtime.dev, inputs, config, device_name=deployment.device))
