@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from omnic import schedule_rules
 from omnic.cache import cache_root
 from omnic.deployment import Deployment
 from omnic.errors import OmnicError
@@ -160,6 +161,7 @@ class _Task:
     best_ms: float | None = None
     history: list[float] = field(default_factory=list)  # best_ms after each batch of this run
     complete: bool = False
+    space: int = 0  # omnic's own schedule rules' revision for this task (0: MetaSchedule's rules only)
 
     @property
     def heaviness(self) -> float:
@@ -560,7 +562,8 @@ def _extract(prepared: Any, target: Any, config: TuningConfig) -> list[_Task]:
             flops = 0.0
         anchor = find_anchor_sblock(mod)  # the same key MetaSchedule's anchor-block equality uses
         key = str(tvm_ffi.structural_hash(anchor if anchor is not None else mod))
-        task = _Task(name=t.task_name, key=key, weight=calls.get(key, int(t.weight)), flops=flops, extracted=t)
+        task = _Task(name=t.task_name, key=key, weight=calls.get(key, int(t.weight)), flops=flops, extracted=t,
+                     space=schedule_rules.space_revision(mod, target))
         if any(task.name.startswith(p) for p in config.skip_prefixes):
             task.status = "skipped"
         tasks.append(task)
@@ -606,6 +609,10 @@ def _classify(tasks: Sequence[_Task], db: Any, ledger: dict[str, Any]) -> None:
             task.trials_before = int(entry.get("trials", 0))
             task.best_ms = entry.get("best_ms")
             task.status = "done" if entry.get("complete") else ("partial" if task.trials_before else "new")
+            if task.space > int(entry.get("space", 0)):
+                # tuned before omnic's rules for it (or their current revision) existed: its new
+                # design space gets tuned too; the old records stay and compete
+                task.status, task.trials_before = "new", 0
             continue
         mod = task.extracted.dispatched[0]
         # has_workload alone is not enough: MetaSchedule commits the workload when a task *starts*
@@ -689,6 +696,7 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
         # the runner's worker process inherits this; unset, TVM times candidates on cores/2 threads
         os.environ.setdefault("TVM_NUM_THREADS", str(int(target.attrs["num-cores"])))
 
+    schedule_rules.register()
     with _locked(path):
         _light_tensor_intrinsics(target)
         db = open_database(path)
@@ -811,6 +819,8 @@ def _finish(task: _Task, ledger: dict[str, Any]) -> None:
     task.complete = True
     entry = ledger["tasks"].setdefault(task.key, {"name": task.name})
     entry.update(trials=task.trials_before + task.trials_run, complete=True, best_ms=task.best_ms)
+    if task.space:
+        entry["space"] = task.space
 
 
 def _snapshot_for(path: Path, target: Any):

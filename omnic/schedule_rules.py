@@ -1,0 +1,143 @@
+"""MetaSchedule rules omnic adds for CPU targets: pooling.
+
+TOPI marks its pooling blocks with a ``schedule_rule`` annotation (``meta_schedule.pool_max``,
+``pool_avg``, ``adaptive_pool_avg``, ``adaptive_pool_max``) and MetaSchedule's ``ApplyCustomRule``
+looks for a global function ``s_tir.meta_schedule.<target key>.<rule>`` to schedule them. TVM
+registers none for CPUs, so a pool got the generic rules. Those rfactor the window into a buffer
+as large as the output times the window height, and vectorize nothing; ResNet-18's 3x3 max-pool
+ran at 0.23 ms in the graph against ONNX Runtime's 0.07 ms (0.12 vs 0.03 ms when timed alone).
+
+The rule here schedules the window reduction directly: padding inlined into the reduction,
+the output's innermost dimension split into vector lanes, the window loops inside that (unrolled
+when small), every other output loop fused and run in parallel, and an average's division computed
+at the same place. The design space holds a few variants (lanes, unrolling, parallel or not); the
+tuner measures them and keeps the fastest, like any other task.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+#: the ``schedule_rule`` values TOPI puts on pooling blocks
+POOL_RULES = ("meta_schedule.pool_max", "meta_schedule.pool_avg",
+              "meta_schedule.adaptive_pool_avg", "meta_schedule.adaptive_pool_max")
+#: target keys the rule is registered for (every LLVM CPU target carries "cpu")
+TARGET_KEYS = ("cpu",)
+#: unroll the window loops when the window has at most this many elements
+MAX_UNROLLED_WINDOW = 64
+#: bumped when the design space of a task these rules schedule changes; the tuning ledger
+#: reopens such tasks tuned under an older revision (see :func:`space_revision`)
+SPACE_REVISION = 1
+
+_registered = False
+
+
+def register() -> None:
+    """Register the pooling rule for CPU targets (idempotent). Called before tuning."""
+    global _registered
+    if _registered:
+        return
+    import tvm_ffi
+
+    for key in TARGET_KEYS:
+        for rule in POOL_RULES:
+            tvm_ffi.register_global_func(f"s_tir.meta_schedule.{key}.{rule}", _schedule_pool, override=True)
+    _registered = True
+
+
+def space_revision(mod: Any, target: Any) -> int:
+    """:data:`SPACE_REVISION` if a block of ``mod`` is scheduled by these rules on ``target``, else 0."""
+    import tvm
+    from tvm import s_tir
+
+    if not set(TARGET_KEYS) & {str(k) for k in target.keys}:
+        return 0
+    for _, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        try:
+            sch = s_tir.Schedule(func)
+            pending = list(sch.get_child_blocks(sch.get_sblock("root")))
+        except Exception:  # noqa: BLE001 - no root block: nothing this rule schedules
+            continue
+        while pending:
+            block = pending.pop()
+            if str(sch.get(block).annotations.get("schedule_rule", "")) in POOL_RULES:
+                return SPACE_REVISION
+            pending += list(sch.get_child_blocks(block))
+    return 0
+
+
+def _extent(sch: Any, loop: Any) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if hasattr(extent, "value") or isinstance(extent, int) else None
+
+
+def _is_reduction(sch: Any, block: Any) -> bool:
+    return any(int(iv.iter_type) == 2 for iv in sch.get(block).iter_vars)  # 2: CommReduce
+
+
+def _schedule_pool(sch: Any, block: Any) -> list[Any]:
+    """Design space of one pooling block: a list of schedules (the input one if none applies)."""
+    variants = []
+    for lanes_cap, unroll, parallel in ((16, True, True), (8, True, True), (16, False, True), (16, True, False)):
+        candidate = sch.copy()
+        try:
+            if _apply(candidate, block, lanes_cap=lanes_cap, unroll=unroll, parallel=parallel):
+                variants.append(candidate)
+        except Exception:  # noqa: BLE001 - a shape this rule does not fit keeps the generic rules' space
+            continue
+    # the input too: with it the tuner can still pick the generic rules' parallel/vectorize
+    # annotations where a variant here is slower (e.g. a strided NCHW window)
+    return variants + [sch]
+
+
+def _apply(sch: Any, block: Any, *, lanes_cap: int, unroll: bool, parallel: bool) -> bool:
+    annotated = block
+    if _is_reduction(sch, annotated):
+        reduction, finisher = annotated, None
+    else:  # an average: the annotation sits on the division, the window sum is its producer
+        producers = [p for p in sch.get_producers(annotated) if _is_reduction(sch, p)]
+        if len(producers) != 1:
+            return False
+        reduction, finisher = producers[0], annotated
+    for producer in sch.get_producers(reduction):  # the padding: read in place, not copied
+        try:
+            sch.compute_inline(producer)
+        except Exception:  # noqa: BLE001 - not inlinable (e.g. a real computation): leave it
+            pass
+
+    kinds = [int(iv.iter_type) for iv in sch.get(reduction).iter_vars]
+    loops = sch.get_loops(reduction)
+    if len(loops) != len(kinds):
+        return False
+    spatial = [lp for lp, k in zip(loops, kinds) if k == 0]
+    window = [lp for lp, k in zip(loops, kinds) if k == 2]
+    if not spatial or not window or len(spatial) + len(window) != len(loops):
+        return False
+    extents = [_extent(sch, lp) for lp in spatial]
+    if any(e is None for e in extents):
+        return False
+    # vector lanes over the innermost output dimension wider than 1 (channels in NHWC)
+    inner_at = max((i for i, e in enumerate(extents) if e > 1), default=None)
+    if inner_at is None:
+        return False
+    lanes = next((n for n in (16, 8, 4) if n <= lanes_cap and extents[inner_at] % n == 0), None)
+    if lanes is None:
+        return False
+    outer, inner = sch.split(spatial[inner_at], [None, lanes])
+    rest = spatial[:inner_at] + [outer] + spatial[inner_at + 1:]
+    sch.reorder(*rest, *window, inner)
+    fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
+    sch.vectorize(inner)
+    window_size = 1
+    for lp in window:
+        window_size *= _extent(sch, lp) or MAX_UNROLLED_WINDOW + 1
+    if unroll and window_size <= MAX_UNROLLED_WINDOW:
+        for lp in window:
+            sch.unroll(lp)
+    if finisher is not None:
+        sch.reverse_compute_at(finisher, fused)
+        sch.vectorize(sch.get_loops(finisher)[-1])
+    if parallel and (_extent(sch, fused) or 0) > 1:
+        sch.parallel(fused)
+    return True
