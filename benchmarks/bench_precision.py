@@ -57,7 +57,7 @@ def bench_latency(name: str, input_size: int, trials: int, threads: int, fp32_tr
         row[f"{precision}_max_rel_error"] = dm.report["max_rel_error"]
         row[f"{precision}_tuning"] = {k: dm.report["tuning"].get(k) for k in ("tasks", "tasks_in_database", "trials",
                                                                             "wall_s", "stopped_by_time")}
-        # where the time goes (after the measurement: the instrument hook stays on the VM)
+        # where the time goes (after the measurement, which must not run under the instrument hook)
         from omnic import profiler
 
         rt = dm.runtime
