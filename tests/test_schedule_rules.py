@@ -127,7 +127,9 @@ def test_pool_tasks_tuned_before_the_rule_are_reopened(fresh_cache):
         entry.pop("space", None)
         entry["complete"] = True
     ledger_file.write_text(json.dumps(ledger))
-    again = compile_(16).report["tuning"]
+    reopened = compile_(16)
+    assert reopened.report["max_rel_error"] <= 1e-4  # built with the rule's pool schedule
+    again = reopened.report["tuning"]
     assert again["new_tasks"] == 1 and again["tasks_in_database"] == again["tasks"] - 1
     assert [t["name"] for t in again["per_task"] if t["trials_run"]] == [pool_task["name"]]
     assert compile_(16).report["tuning"]["trials"] == 0  # reopened once, then done
