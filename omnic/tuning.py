@@ -529,10 +529,7 @@ def _make_callback(state: _Progress) -> Any:
                     if rr.error_msg is None and secs and max(secs) < 1e9:
                         ms_ = 1e3 * sum(secs) / len(secs)
                         task.best_ms = ms_ if task.best_ms is None else min(task.best_ms, ms_)
-                entry = state.ledger["tasks"].setdefault(task.key, {"name": task.name, "trials": 0,
-                                                                    "complete": False})
-                entry["trials"] = task.trials_before + task.trials_run
-                entry["best_ms"] = task.best_ms
+                _ledger_entry(task, state.ledger)
                 _write_ledger(state.ledger_path, state.ledger)
                 if task.best_ms is not None:
                     state.total_ms[task.key] = task.model_ms
@@ -815,12 +812,22 @@ def _run(planned: list[_Task], budget: int, db: Any, path: Path, deployment: Dep
             builder.close()  # the pool's workers hold a GB between them
 
 
-def _finish(task: _Task, ledger: dict[str, Any]) -> None:
-    task.complete = True
-    entry = ledger["tasks"].setdefault(task.key, {"name": task.name})
-    entry.update(trials=task.trials_before + task.trials_run, complete=True, best_ms=task.best_ms)
+def _ledger_entry(task: _Task, ledger: dict[str, Any]) -> dict[str, Any]:
+    """The task's ledger entry, brought up to date (after each batch and when it finishes).
+
+    The rules' ``space`` revision is recorded with the first batch, so that an unfinished task
+    of the current revision resumes as partial instead of being reopened as new.
+    """
+    entry = ledger["tasks"].setdefault(task.key, {"name": task.name, "trials": 0, "complete": False})
+    entry.update(trials=task.trials_before + task.trials_run, best_ms=task.best_ms)
     if task.space:
         entry["space"] = task.space
+    return entry
+
+
+def _finish(task: _Task, ledger: dict[str, Any]) -> None:
+    task.complete = True
+    _ledger_entry(task, ledger)["complete"] = True
 
 
 def _snapshot_for(path: Path, target: Any):

@@ -133,3 +133,26 @@ def test_pool_tasks_tuned_before_the_rule_are_reopened(fresh_cache):
     assert again["new_tasks"] == 1 and again["tasks_in_database"] == again["tasks"] - 1
     assert [t["name"] for t in again["per_task"] if t["trials_run"]] == [pool_task["name"]]
     assert compile_(16).report["tuning"]["trials"] == 0  # reopened once, then done
+
+
+def test_an_unfinished_pool_task_resumes_instead_of_reopening(fresh_cache):
+    """The rule's space revision reaches the ledger with the first batch, not only when the task
+    finishes: a run stopped by its time budget leaves a partial pool task that the next run
+    resumes (its trials counted), rather than one it takes for tuned before the rule."""
+    model, x = nn.MaxPool2d(3, 2, 1).eval(), torch.randn(1, 16, 32, 32)
+
+    def compile_(**budget):
+        with tuning.using(FAST):
+            return engine.compile(model, Deployment(device="host", **budget), x, progress=False)
+
+    stopped = compile_(tuning_trials=16, tuning_time_s=0.01)  # the pool (heaviest) gets one batch
+    rep = stopped.report["tuning"]
+    assert rep["stopped_by_time"] is True and stopped.report["max_rel_error"] <= 1e-4
+    ledger = json.loads((Path(rep["database"]) / tuning.LEDGER).read_text())["tasks"]
+    pool = next(e for e in ledger.values() if e["name"].startswith("max_pool2d"))
+    assert pool["complete"] is False and pool["trials"] > 0
+    assert pool["space"] == schedule_rules.SPACE_REVISION
+
+    resumed = compile_(tuning_trials=16)
+    assert resumed.report["tuning"]["resumed_tasks"] == 1
+    assert resumed.report["max_rel_error"] <= 1e-4
