@@ -21,7 +21,7 @@ from omnic.targets import DeviceSpec
 #: 4: tuning records are shared by kernels with the same anchor op (tuning.MODULE_EQUALITY).
 #: 5: CPU kernels realign their stack frames (omnic.stack_align), in the tuner's builds too.
 #: 6: constants reach the kernels directly, not through a tuple the VM builds per call.
-PIPELINE_REVISION = 6
+PIPELINE_REVISION = 7
 
 
 def _tvm():
@@ -191,7 +191,7 @@ def _fold_constants_numpy():
 
 
 def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantization: Any = None,
-            quant_report: dict | None = None):
+            quant_report: dict | None = None, winograd: bool = False):
     """Optimise and fuse a lowered module for ``spec``; the result is what tuning sees.
 
     Steps (CPU): BN folding, inference decomposition, constant folding, NHWC/OHWI conv layout,
@@ -203,6 +203,11 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
     activation scale is used, which gives the right kernels for latency but meaningless outputs
     (``engine.compile`` always calibrates). ``quant_report``, when given, receives the rewrite's
     report (which ops run in integer).
+
+    ``winograd`` (CPU, fp32): 3x3 stride-1 convs with enough output tiles run as Winograd
+    (:mod:`omnic.winograd`). ``engine.compile`` asks for it when the build applies a tuning
+    database, so that tuned builds get it and untuned ones (what the latency predictor models)
+    keep the direct convolutions.
     """
     tvm, relax = _tvm()
     try:
@@ -231,9 +236,17 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
                 if quant_report is not None:
                     quant_report["dot_product"] = DOT_PRODUCT_PACKINGS[spec.int_dot_product].instruction
                     quant_report["dot_product_packed_convs"] = n_packed
+            if precision == "fp32" and winograd:
+                from omnic.winograd import rewrite_convs
+
+                mod, _ = rewrite_convs(mod)
         with target:
             mod = relax.transform.FoldConstant()(mod)
             mod = relax.get_pipeline("zero")(mod)
+            if spec.kind == "cpu" and precision == "fp32" and winograd:
+                from omnic.winograd import tag_fused_kernels
+
+                mod = tag_fused_kernels(mod)
             if spec.kind == "cpu":
                 mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
                 if precision == "int8":

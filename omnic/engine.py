@@ -71,7 +71,7 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     Returns:
         A :class:`DeviceModel` (callable, timeable, exportable).
     """
-    from omnic import compiler, tuning
+    from omnic import compiler, tuning, winograd
 
     t0 = time.perf_counter()
     traced, deployment = _coerce(model, deployment, example_inputs)
@@ -79,6 +79,8 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     target = spec.tvm_target(num_threads=deployment.threads)
     mod = compiler.lower(traced)
     calib, q_report = None, None
+    applies_db = (deployment.tuning_trials > 0 or bool(deployment.tuning_time_s) or database is not None
+                  or (tuning.database_dir(deployment, target) / "database_workload.json").exists())
     if deployment.precision == "int8":
         from omnic import quantize
 
@@ -91,15 +93,14 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         q_report = {}
         prepared = compiler.prepare(mod, spec, target, "int8", quantization=calib or quantize.ONNX_QDQ,
                                     quant_report=q_report)
-        if q_report.get("dot_product_packed_convs") and q_report.get("dot_product") == "vpdpbusd":
+        if q_report.get("dot_product_packed_convs") and q_report.get("dot_product") == "vpdpbusd" and applies_db:
             # tuning tensorizes the packed convs with VNNI, and applying such records replays the
             # intrinsic by name: both need it registered (and fixed for LLVM 22) in this process
-            wants_db = (deployment.tuning_trials > 0 or bool(deployment.tuning_time_s) or database is not None
-                        or (tuning.database_dir(deployment, target) / "database_workload.json").exists())
-            if wants_db:
-                quantize.register_vnni_intrinsic()
+            quantize.register_vnni_intrinsic()
     else:
-        prepared = compiler.prepare(mod, spec, target, deployment.precision)
+        # Winograd for builds that apply tuned kernels; an untuned build keeps the direct
+        # convolutions, which are what the untuned-latency predictor models
+        prepared = compiler.prepare(mod, spec, target, deployment.precision, winograd=applies_db)
     t_prepare = time.perf_counter() - t0
     tuning_report: dict[str, Any] = {"trials": 0, "tasks": 0, "new_tasks": 0}
     if database is None:
@@ -117,6 +118,7 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         "tuning": tuning_report,
         "kernels_scheduled": len(scheduled),
         "kernels_unscheduled": len(unscheduled),
+        "winograd_convs": winograd.count_convs(prepared),
         "ops_precision": {"float32" if deployment.precision == "fp32" else deployment.precision: "all"},
         "prepare_s": round(t_prepare, 3),
         "build_s": round(time.perf_counter() - t1, 3),

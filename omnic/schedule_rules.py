@@ -20,6 +20,8 @@ from typing import Any
 #: the ``schedule_rule`` values TOPI puts on pooling blocks
 POOL_RULES = ("meta_schedule.pool_max", "meta_schedule.pool_avg",
               "meta_schedule.adaptive_pool_avg", "meta_schedule.adaptive_pool_max")
+#: the ``schedule_rule`` values of omnic's Winograd transform blocks (omnic.winograd)
+WINOGRAD_RULES = ("omnic.winograd_data_transform", "omnic.winograd_inverse_transform")
 #: target keys the rule is registered for (every LLVM CPU target carries "cpu")
 TARGET_KEYS = ("cpu",)
 #: unroll the window loops when the window has at most this many elements
@@ -41,6 +43,13 @@ def register() -> None:
     for key in TARGET_KEYS:
         for rule in POOL_RULES:
             tvm_ffi.register_global_func(f"s_tir.meta_schedule.{key}.{rule}", _schedule_pool, override=True)
+        data_rule, inverse_rule = WINOGRAD_RULES
+        tvm_ffi.register_global_func(f"s_tir.meta_schedule.{key}.{data_rule}",
+                                     lambda sch, block: _schedule_winograd_transform(sch, block, inline_padding=True),
+                                     override=True)
+        tvm_ffi.register_global_func(f"s_tir.meta_schedule.{key}.{inverse_rule}",
+                                     lambda sch, block: _schedule_winograd_transform(sch, block, inline_padding=False),
+                                     override=True)
     _registered = True
 
 
@@ -61,7 +70,7 @@ def space_revision(mod: Any, target: Any) -> int:
             continue
         while pending:
             block = pending.pop()
-            if str(sch.get(block).annotations.get("schedule_rule", "")) in POOL_RULES:
+            if str(sch.get(block).annotations.get("schedule_rule", "")) in POOL_RULES + WINOGRAD_RULES:
                 return SPACE_REVISION
             pending += list(sch.get_child_blocks(block))
     return 0
@@ -140,4 +149,52 @@ def _apply(sch: Any, block: Any, *, lanes_cap: int, unroll: bool, parallel: bool
         sch.vectorize(sch.get_loops(finisher)[-1])
     if parallel and (_extent(sch, fused) or 0) > 1:
         sch.parallel(fused)
+    return True
+
+
+def _schedule_winograd_transform(sch: Any, block: Any, *, inline_padding: bool) -> list[Any]:
+    """Design space of a Winograd transform block (``(e, u, tile, channel)`` loops).
+
+    The block picks one sparse sum per tile position ``(e, u)`` through a conditional chain,
+    so those two loops must be unrolled (then each element is a few adds); the channels go in
+    vector lanes and the tiles x channel groups run in parallel. Variants: 16 or 8 lanes, tile
+    loop outside or inside the channel groups.
+    """
+    variants = []
+    for lanes_cap, tiles_outer in ((16, True), (8, True), (16, False)):
+        candidate = sch.copy()
+        try:
+            if _apply_transform(candidate, block, lanes_cap=lanes_cap, tiles_outer=tiles_outer,
+                                inline_padding=inline_padding):
+                variants.append(candidate)
+        except Exception:  # noqa: BLE001 - a shape this does not fit
+            continue
+    return variants or [sch]
+
+
+def _apply_transform(sch: Any, block: Any, *, lanes_cap: int, tiles_outer: bool, inline_padding: bool) -> bool:
+    # the data padding is read in place; the inverse's producer is the GEMM's write cache, which
+    # must stay a block of its own (see omnic.winograd)
+    for producer in sch.get_producers(block) if inline_padding else ():
+        if not _is_reduction(sch, producer):
+            try:
+                sch.compute_inline(producer)
+            except Exception:  # noqa: BLE001 - not inlinable: leave it
+                pass
+    loops = sch.get_loops(block)
+    if len(loops) != 4:
+        return False
+    e, u, tiles, channels = loops
+    extent = _extent(sch, channels) or 0
+    lanes = next((n for n in (16, 8, 4) if n <= lanes_cap and extent % n == 0), None)
+    if lanes is None:
+        return False
+    groups, lane = sch.split(channels, [None, lanes])
+    outer = (tiles, groups) if tiles_outer else (groups, tiles)
+    sch.reorder(*outer, e, u, lane)
+    fused = sch.fuse(*outer)
+    sch.unroll(e)
+    sch.unroll(u)
+    sch.vectorize(lane)
+    sch.parallel(fused)
     return True
