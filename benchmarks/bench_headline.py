@@ -297,13 +297,21 @@ def run_section(name: str, args: argparse.Namespace, out: Path) -> dict:
     return res
 
 
+def _error_cell(error: float | None) -> str:
+    """A build whose outputs are off is not a result: say so where its latency is."""
+    if error is None:
+        return "not checked"
+    return f"{error:.1e}" if error <= 1e-4 else f"**WRONG OUTPUTS ({error:.2g})**"
+
+
 def report(args: argparse.Namespace, out: Path) -> str:
     r = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     lines = [f"# omnic headline figures (`host`, {args.threads} threads, batch 1)", ""]
     lines += ["## Tuned latency vs ONNX Runtime and PyTorch eager (medians of interleaved rounds, one process)", "",
               "| model | tuning | trials | omnic per call | omnic TVM timer | ONNX Runtime | torch eager | "
-              "omnic/ORT | omnic/ORT within rounds (range) | omnic/eager | run-to-run spread omnic / ORT / eager |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+              "omnic/ORT | omnic/ORT within rounds (range) | omnic/eager | run-to-run spread omnic / ORT / eager "
+              "| omnic vs PyTorch (max rel. error) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for m in args.models:
         t = r.get(f"tuned-{m}")
         if not t:
@@ -315,7 +323,8 @@ def report(args: argparse.Namespace, out: Path) -> str:
                          f"| {med['torch']:.3f} ms | **{row['ratio_omnic_ort']:.2f}** "
                          f"| {row['ratio_rounds_omnic_ort']:.2f} ({row['ratio_rounds_range'][0]:.2f}-"
                          f"{row['ratio_rounds_range'][1]:.2f}) | {row['ratio_omnic_torch']:.2f} "
-                         f"| {100 * sp['omnic']:.1f}% / {100 * sp['ort']:.1f}% / {100 * sp['torch']:.1f}% |")
+                         f"| {100 * sp['omnic']:.1f}% / {100 * sp['ort']:.1f}% / {100 * sp['torch']:.1f}% "
+                         f"| {_error_cell(row.get('max_rel_error'))} |")
     for m in args.models:
         t = r.get(f"tuned-{m}")
         if t:

@@ -148,6 +148,8 @@ def weight_sizes_in_call_order(module: Any) -> list[tuple[str, int]]:
     import tvm
     from tvm import relax
 
+    from omnic import winograd
+
     def constant(expr: Any) -> bool:
         if isinstance(expr, tvm.ir.expr.Constant):
             return True
@@ -168,7 +170,12 @@ def weight_sizes_in_call_order(module: Any) -> list[tuple[str, int]]:
                     and value.op.name == "relax.call_tir":
                 sizes = [int(np.prod([int(d) for d in a.ty.shape])) for a in value.args[1].fields
                          if constant(a)]
-                calls.append((value.args[0].name_hint, max(sizes, default=0)))
+                name, size = value.args[0].name_hint, max(sizes, default=0)
+                if "winograd" in name and size:
+                    # the transformed weight has (m+2)^2 taps per channel pair, the conv's 9
+                    _, out_h, out_w, _ = (int(d) for d in value.ty.shape)
+                    size = size * 9 // (winograd.tile_size(out_h, out_w) + 2) ** 2
+                calls.append((name, size))
     return calls
 
 
