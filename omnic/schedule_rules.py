@@ -1,4 +1,4 @@
-"""MetaSchedule rules omnic adds for CPU targets: pooling.
+"""MetaSchedule rules omnic adds for CPU targets: pooling, and Winograd's transforms.
 
 TOPI marks its pooling blocks with a ``schedule_rule`` annotation (``meta_schedule.pool_max``,
 ``pool_avg``, ``adaptive_pool_avg``, ``adaptive_pool_max``) and MetaSchedule's ``ApplyCustomRule``
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from omnic.winograd import DATA_TRANSFORM_RULE, INVERSE_TRANSFORM_RULE
+
 #: the ``schedule_rule`` values TOPI puts on pooling blocks
 POOL_RULES = ("meta_schedule.pool_max", "meta_schedule.pool_avg",
               "meta_schedule.adaptive_pool_avg", "meta_schedule.adaptive_pool_max")
 #: the ``schedule_rule`` values of omnic's Winograd transform blocks (omnic.winograd)
-WINOGRAD_RULES = ("omnic.winograd_data_transform", "omnic.winograd_inverse_transform")
+WINOGRAD_RULES = (DATA_TRANSFORM_RULE, INVERSE_TRANSFORM_RULE)
 #: target keys the rule is registered for (every LLVM CPU target carries "cpu")
 TARGET_KEYS = ("cpu",)
 #: unroll the window loops when the window has at most this many elements

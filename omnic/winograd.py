@@ -37,8 +37,8 @@ LARGE_TILE_MIN_EDGE = 16
 #: only convolutions with at least this many output tiles (per image) use Winograd: the batched
 #: GEMM reuses each transformed weight once per tile, and the weights are (m+2)^2 / 9 times
 #: larger. At ResNet-18's layer 4 (7x7 output, m = 2: 16 tiles, 512 channels, 16.8 MB of
-#: transformed weights per conv) it still won, 0.65 vs 1.04 ms tuned alone (96 trials each); at
-#: fewer tiles the weight traffic is not paid back
+#: transformed weights per conv) it still won, 0.65 vs 1.04 ms tuned alone (96 trials each).
+#: Fewer tiles were not measured; the weight traffic per tile only grows there
 MIN_TILES = 16
 #: and only with at least this many input and output channels (the GEMMs' inner dimensions)
 MIN_CHANNELS = 16
