@@ -98,9 +98,11 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
             # intrinsic by name: both need it registered (and fixed for LLVM 22) in this process
             quantize.register_vnni_intrinsic()
     else:
-        # Winograd for builds that apply tuned kernels; an untuned build keeps the direct
-        # convolutions, which are what the untuned-latency predictor models
-        prepared = compiler.prepare(mod, spec, target, deployment.precision, winograd=applies_db)
+        # Winograd for builds that apply tuned kernels with a budget that reaches them (or a
+        # database that holds them); an untuned build keeps the direct convolutions, which are
+        # what the untuned-latency predictor models
+        use_winograd = applies_db and winograd.wanted(deployment, tuning.database_dir(deployment, target))
+        prepared = compiler.prepare(mod, spec, target, deployment.precision, winograd=use_winograd)
     t_prepare = time.perf_counter() - t0
     tuning_report: dict[str, Any] = {"trials": 0, "tasks": 0, "new_tasks": 0}
     if database is None:
