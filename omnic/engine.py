@@ -79,8 +79,9 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     target = spec.tvm_target(num_threads=deployment.threads)
     mod = compiler.lower(traced)
     calib, q_report = None, None
+    db_dir = tuning.database_dir(deployment, target)
     applies_db = (deployment.tuning_trials > 0 or bool(deployment.tuning_time_s) or database is not None
-                  or (tuning.database_dir(deployment, target) / "database_workload.json").exists())
+                  or (db_dir / "database_workload.json").exists())
     if deployment.precision == "int8":
         from omnic import quantize
 
@@ -101,7 +102,7 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         # Winograd for builds that apply tuned kernels with a budget that reaches them (or a
         # database that holds them); an untuned build keeps the direct convolutions, which are
         # what the untuned-latency predictor models
-        use_winograd = applies_db and winograd.wanted(deployment, tuning.database_dir(deployment, target))
+        use_winograd = applies_db and winograd.wanted(deployment, db_dir)
         prepared = compiler.prepare(mod, spec, target, deployment.precision, winograd=use_winograd)
     t_prepare = time.perf_counter() - t0
     tuning_report: dict[str, Any] = {"trials": 0, "tasks": 0, "new_tasks": 0}

@@ -362,8 +362,5 @@ def wanted(deployment: Any, database_dir: Any) -> bool:
         tasks = json.loads(ledger.read_text()).get("tasks", {})
     except (OSError, ValueError):
         return False
-    return any(_has_tuned_trials(entry) and "winograd" in str(entry.get("name", "")) for entry in tasks.values())
-
-
-def _has_tuned_trials(entry: dict) -> bool:
-    return int(entry.get("trials", 0) or 0) > 0
+    return any(int(entry.get("trials", 0) or 0) > 0 and "winograd" in str(entry.get("name", ""))
+               for entry in tasks.values())
