@@ -9,7 +9,9 @@ with the right thread count):
   interleaved rounds, same threads, batch 1; run-to-run spread of each; the top kernels of the
   final build. The copy at 5 minutes is what the first 5 minutes of the run produced (the
   allocation of trials is the same as a 5-minute run's: one batch per task, heaviest first,
-  then by cost).
+  then by cost). Where a shorter budget builds other kernels (Winograd convs need
+  ``winograd.MIN_TUNING_S``), those marks get a tuning run of their own, so each row is what a
+  user with that budget gets.
 * ``compile-memory-<model>``: a compile with the tuned database, alone: wall time and peak RSS.
 * ``oracle``: distinct candidates measured per minute through the oracle with an empty latency
   store: untuned, and tuned with a warm database (the tuning of those workloads already done),
@@ -70,19 +72,39 @@ def conv_table(model_name: str, versus: dict | None, top: int = 8) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- sections
-def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
-    from benchmarks.common import conv_by_conv, ort_node_times, side_by_side, weight_sizes_in_call_order
-    from omnic import Deployment, engine, profiler, tuning, zoo
+def _budget_groups(model, x, marks: list[float], threads: int) -> list[list[float]]:
+    """The marks in groups that build the same kind of kernels, each group one tuning run.
 
-    marks = sorted(args.tune_minutes)
-    cache = out / f"cache-tuned-{model_name}"
-    shutil.rmtree(cache, ignore_errors=True)  # the budget starts from an empty database
-    run_root = cache / "run"
+    A copy of a longer run's database is what a shorter budget gets only when both budgets build
+    the same kernels. Winograd convs are built only for long budgets (``winograd.wanted``), so
+    for a model that has eligible convs the short marks get a tuning run of their own.
+    """
+    import tempfile
+
+    from omnic import Deployment, compiler, engine, winograd
+
+    traced, deployment = engine._coerce(model, Deployment(device="host", threads=threads), x)
+    spec = deployment.spec
+    prepared = compiler.prepare(compiler.lower(traced), spec, spec.tvm_target(num_threads=threads), "fp32",
+                                winograd=True)
+    if not winograd.count_convs(prepared):
+        return [marks]
+    groups: dict[bool, list[float]] = {}
+    with tempfile.TemporaryDirectory() as empty:
+        for minutes in marks:
+            budget = Deployment(device="host", threads=threads, tuning_time_s=60.0 * minutes)
+            groups.setdefault(winograd.wanted(budget, empty), []).append(minutes)
+    return sorted(groups.values())
+
+
+def _tune_with_copies(model, x, marks: list[float], cache: Path, args: argparse.Namespace,
+                      config) -> tuple[dict[float, dict], dict, float]:
+    """Tune into an empty database for ``marks[-1]`` minutes, copying it at each shorter mark."""
+    from omnic import Deployment, engine, tuning
+
+    run_root = cache / f"run-{marks[-1]:g}min"
+    shutil.rmtree(run_root, ignore_errors=True)  # the budget starts from an empty database
     os.environ["OMNIC_CACHE_DIR"] = str(run_root)
-    model, x = zoo.get_model(model_name)
-    search = {k: v for k, v in (("trials_per_iter", args.per_iter), ("population_size", args.population),
-                                ("genetic_num_iters", args.genetic_iters)) if v is not None}
-    config = tuning.TuningConfig(builder=args.builder, cold_cache_repeats=args.cold_cache_repeats, **search)
     deployment = Deployment(device="host", threads=args.threads, tuning_trials=0, tuning_time_s=60.0 * marks[-1])
 
     # copy the (append-only) database at each mark; a torn last line is repaired on open
@@ -95,7 +117,7 @@ def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
         shutil.rmtree(dest, ignore_errors=True)
         if (run_root / "tuning").exists():
             shutil.copytree(run_root / "tuning", dest / "tuning")
-        copied[minutes] = {"root": str(dest), "at_s": round(time.monotonic() - t0, 1)}
+        copied[minutes] = {"root": str(dest), "at_s": round(time.monotonic() - t0, 1), "run_minutes": marks[-1]}
 
     def watcher() -> None:
         for minutes in marks[:-1]:
@@ -117,8 +139,31 @@ def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
     for minutes in marks[:-1]:  # tuning ended before a mark: the database at the end is that mark's
         if minutes not in copied:
             copied[minutes] = copied[marks[-1]]
-    print(f"[{model_name}] tuned {rep['trials']} trials over {rep['tasks']} tasks in {tuning_wall:.0f} s "
-          f"(stopped by time: {rep['stopped_by_time']})", flush=True)
+    return copied, rep, tuning_wall
+
+
+def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
+    from benchmarks.common import conv_by_conv, ort_node_times, side_by_side, weight_sizes_in_call_order
+    from omnic import Deployment, engine, profiler, tuning, zoo
+
+    marks = sorted(args.tune_minutes)
+    cache = out / f"cache-tuned-{model_name}"
+    shutil.rmtree(cache, ignore_errors=True)
+    model, x = zoo.get_model(model_name)
+    search = {k: v for k, v in (("trials_per_iter", args.per_iter), ("population_size", args.population),
+                                ("genetic_num_iters", args.genetic_iters)) if v is not None}
+    config = tuning.TuningConfig(builder=args.builder, cold_cache_repeats=args.cold_cache_repeats, **search)
+
+    copied: dict[float, dict] = {}
+    runs = []
+    for group in _budget_groups(model, x, marks, args.threads):
+        group_copies, rep, tuning_wall = _tune_with_copies(model, x, group, cache, args, config)
+        copied.update(group_copies)
+        runs.append({"minutes": group[-1], "copies_at": group[:-1], "trials": rep["trials"], "tasks": rep["tasks"],
+                     "tasks_tuned": rep.get("tasks_tuned"), "tuning_wall_s": round(tuning_wall, 1),
+                     "stopped_by_time": rep.get("stopped_by_time")})
+        print(f"[{model_name}] {group[-1]:g}-minute run: {rep['trials']} trials over {rep['tasks']} tasks in "
+              f"{tuning_wall:.0f} s (stopped by time: {rep['stopped_by_time']})", flush=True)
 
     rows = []
     last_dm = None
@@ -129,7 +174,10 @@ def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
         compile_s = time.perf_counter() - t
         res = side_by_side(model, x, mdm, threads=args.threads, rounds=args.rounds, min_time_s=args.min_time_s,
                            label=f"{model_name} {minutes:g} min")
+        run = next(r for r in runs if r["minutes"] == copied[minutes]["run_minutes"])
         rows.append({"minutes": minutes, "snapshot_at_s": copied[minutes]["at_s"], "compile_s": round(compile_s, 1),
+                     "run_minutes": run["minutes"], "run_trials": run["trials"],
+                     "winograd_convs": mdm.report.get("winograd_convs"),
                      "max_rel_error": mdm.report["max_rel_error"],
                      "kernels_scheduled": mdm.report["kernels_scheduled"],
                      "kernels_unscheduled": mdm.report["kernels_unscheduled"], **res})
@@ -144,7 +192,7 @@ def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
     versus = conv_by_conv(sites, ort_node_times(model, x, args.threads, runs=30, sessions=3),
                           weight_sizes_in_call_order(last_dm.module))
     per_task = sorted(rep.get("per_task", []), key=lambda t: -(t["best_ms"] or 0) * t["weight"])
-    return {"model": model_name, "threads": args.threads, "tuning_wall_s": round(tuning_wall, 1),
+    return {"model": model_name, "threads": args.threads, "tuning_wall_s": round(tuning_wall, 1), "runs": runs,
             "trials": rep["trials"], "tasks": rep["tasks"], "tasks_tuned": rep.get("tasks_tuned"),
             "stopped_by_time": rep.get("stopped_by_time"), "estimated_model_ms": rep.get("estimated_model_ms"),
             "rows": rows, "top_kernels": kernels[:10], "conv_by_conv": versus,
@@ -318,7 +366,11 @@ def report(args: argparse.Namespace, out: Path) -> str:
             continue
         for row in t["rows"]:
             med, sp = row["median_ms"], row["spread"]
-            lines.append(f"| {m} | {row['minutes']:g} min | {t['trials'] if row is t['rows'][-1] else ''} "
+            run_minutes = row.get("run_minutes", t["rows"][-1]["minutes"])
+            own_run = run_minutes == row["minutes"]
+            tuning_cell = f"{row['minutes']:g} min" + ("" if own_run else f" (copy of the {run_minutes:g}-min run)")
+            trials = row.get("run_trials", t["trials"]) if own_run else ""
+            lines.append(f"| {m} | {tuning_cell} | {trials} "
                          f"| {med['omnic']:.3f} ms | {med['omnic_native']:.3f} ms | {med['ort']:.3f} ms "
                          f"| {med['torch']:.3f} ms | **{row['ratio_omnic_ort']:.2f}** "
                          f"| {row['ratio_rounds_omnic_ort']:.2f} ({row['ratio_rounds_range'][0]:.2f}-"
@@ -330,8 +382,11 @@ def report(args: argparse.Namespace, out: Path) -> str:
         if t:
             total = sum(k["total_ms"] for k in t["top_kernels"]) or 1.0
             top = ", ".join(f"{k['name']} x{k['calls']} {k['total_ms']:.3f} ms" for k in t["top_kernels"][:5])
-            lines.append(f"\n{m}: tuning {t['tuning_wall_s']:.0f} s, {t['trials']} trials, {t['tasks_tuned']}/"
-                         f"{t['tasks']} tasks tuned; top kernels of the final build (instrumented, each call's "
+            runs = "; ".join(f"{r['minutes']:g}-min run {r['tuning_wall_s']:.0f} s, {r['trials']} trials, "
+                             f"{r['tasks_tuned']}/{r['tasks']} tasks tuned" for r in t.get("runs", []))
+            lines.append(f"\n{m}: " + (runs or f"tuning {t['tuning_wall_s']:.0f} s, {t['trials']} trials, "
+                                       f"{t['tasks_tuned']}/{t['tasks']} tasks tuned")
+                         + f"; Winograd convs per row: {[row.get('winograd_convs') for row in t['rows']]}; top kernels of the final build (instrumented, each call's "
                          f"fastest): {top} "
                          f"(these five: {100 * sum(k['total_ms'] for k in t['top_kernels'][:5]) / total:.0f}% "
                          f"of the top ten)")
