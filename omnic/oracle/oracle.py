@@ -13,6 +13,7 @@ from omnic.deployment import Deployment
 from omnic.ir import TracedModel, trace
 from omnic.measure import PROTOCOL_REVISION, MeasureConfig, Measurement
 from omnic.oracle.store import LatencyStore, StoreKey
+from omnic.targets.devices import host_cpu_name
 
 if TYPE_CHECKING:
     from omnic.rpc_batch import BatchConfig
@@ -38,6 +39,10 @@ class Oracle:
                    f";pipeline={PIPELINE_REVISION};protocol={PROTOCOL_REVISION}")
         if not stack_align.enabled():  # an A/B build without aligned stacks is a different binary
             context += ";unaligned_stack"
+        if deployment.spec.target is None and not deployment.is_remote:
+            # `host` is whatever CPU runs this process, and a cache directory can outlive the CPU
+            # (a VM moved to another host, a shared home): a Zen 4's latency says nothing of a Zen 5
+            context += f";cpu={host_cpu_name()}"
         if deployment.is_remote:
             context += f";key={deployment.rpc_key}"
         return StoreKey(device=deployment.device, precision=deployment.precision,

@@ -128,6 +128,11 @@ def _detected_host_cpu() -> str:
     return "x86-64-v4" if _cpu_flags() >= {"avx512f", "avx512bw"} else "x86-64-v3"
 
 
+def host_cpu_name() -> str:
+    """LLVM's name for this machine's CPU (``znver5``, ``icelake-server``, ...), as host builds use it."""
+    return _detected_host_cpu()
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
