@@ -52,6 +52,12 @@ def machine_line() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:  # "AMD EPYC" names Zen 3, 4 and 5 alike, and this VM kind is any of them from run to run
+        from tvm.target import codegen
+
+        cpu += f" ({codegen.llvm_get_system_cpu()})"
+    except Exception:  # noqa: BLE001 - the line is informative only
+        pass
     return (f"{cpu}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}, "
             f"load avg {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
 
