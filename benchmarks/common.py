@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from omnic.baselines import onnxruntime_session, per_call_ms, torch_eager_ms  # noqa: F401
+from omnic.engine import relative_error
 
 
 def onnxruntime_ms(model: torch.nn.Module, x: torch.Tensor, threads: int) -> tuple[float, np.ndarray]:
@@ -79,7 +80,7 @@ def side_by_side(model: torch.nn.Module, x: torch.Tensor, device_model: Any, *, 
     feed = {"x": x.numpy()}
     with torch.inference_mode():
         ref = model(x).numpy()
-    ort_err = float(np.abs(sess.run(None, feed)[0] - ref).max() / np.abs(ref).max())
+    ort_err = relative_error([sess.run(None, feed)[0]], [ref])  # the same measure as omnic's own check
     samples: dict[str, list[float]] = {"omnic": [], "omnic_native": [], "ort": [], "torch": []}
     for r in range(rounds):
         with torch.inference_mode():

@@ -5,6 +5,7 @@ tunes (when the deployment asks for it), builds, and checks the compiled outputs
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -41,11 +42,23 @@ def reference_outputs(traced: TracedModel) -> list[np.ndarray] | None:
 
 
 def relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
-    """max |a - e| / max |e| over all outputs."""
+    """max |a - e| / max |e| over all outputs; ``inf`` where one side is NaN or infinite and the
+    other is not (a NaN difference would otherwise vanish: ``max(0.0, nan)`` is 0.0)."""
     worst = 0.0
     for a, e in zip(actual, expected):
-        denom = float(np.abs(e).max()) or 1.0
-        worst = max(worst, float(np.abs(np.asarray(a, dtype=np.float64) - e).max()) / denom)
+        a, e = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
+        if a.shape != e.shape:
+            return math.inf
+        with np.errstate(invalid="ignore"):
+            agree = (a == e) | (np.isnan(a) & np.isnan(e))
+            diff = np.where(agree, 0.0, np.abs(a - e))
+        if diff.size == 0:
+            continue
+        if not np.isfinite(diff).all():
+            return math.inf
+        finite = np.abs(e[np.isfinite(e)])
+        denom = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        worst = max(worst, float(diff.max()) / denom)
     return worst
 
 

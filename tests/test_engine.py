@@ -194,3 +194,14 @@ def test_fp16_compiles_with_clip_activations():
     x = torch.randn(1, 3, 16, 16)
     dm = engine.compile(model, {"device": "host", "precision": "fp16"}, x)
     assert dm.report["max_rel_error"] < 1e-2
+
+
+def test_relative_error_counts_nan_and_inf_as_disagreement():
+    ref = [np.array([[1.0, -2.0, 4.0]], dtype=np.float32)]
+    assert engine.relative_error([ref[0].copy()], ref) == 0.0
+    assert engine.relative_error([ref[0] + np.float32(0.04)], ref) == pytest.approx(0.01)
+    assert engine.relative_error([np.array([[1.0, np.nan, 4.0]], dtype=np.float32)], ref) == float("inf")
+    assert engine.relative_error([np.array([[1.0, np.inf, 4.0]], dtype=np.float32)], ref) == float("inf")
+    assert engine.relative_error([np.zeros((1, 2), dtype=np.float32)], ref) == float("inf")  # wrong shape
+    both_nan = [np.array([np.nan, 2.0])]
+    assert engine.relative_error([np.array([np.nan, 2.0])], both_nan) == 0.0  # PyTorch's NaN reproduced
