@@ -54,9 +54,9 @@ def machine_line() -> str:
     except (OSError, StopIteration):
         pass
     try:  # "AMD EPYC" names Zen 3, 4 and 5 alike, and this VM kind is any of them from run to run
-        from tvm.target import codegen
+        from omnic.targets.devices import host_cpu_name
 
-        cpu += f" ({codegen.llvm_get_system_cpu()})"
+        cpu += f" ({host_cpu_name()})"
     except Exception:  # noqa: BLE001 - the line is informative only
         pass
     return (f"{cpu}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}, "
