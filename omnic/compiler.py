@@ -21,7 +21,9 @@ from omnic.targets import DeviceSpec
 #: 4: tuning records are shared by kernels with the same anchor op (tuning.MODULE_EQUALITY).
 #: 5: CPU kernels realign their stack frames (omnic.stack_align), in the tuner's builds too.
 #: 6: constants reach the kernels directly, not through a tuple the VM builds per call.
-PIPELINE_REVISION = 7
+#: 7: tuned CPU fp32 builds run 3x3 stride-1 convs as Winograd (omnic.winograd).
+#: 8: NHWC depthwise convs are tuned in omnic's own design space (schedule_rules.DEPTHWISE_RULE).
+PIPELINE_REVISION = 8
 
 
 def _tvm():
@@ -247,6 +249,10 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
                 from omnic.winograd import tag_fused_kernels
 
                 mod = tag_fused_kernels(mod)
+            if spec.kind == "cpu" and precision == "fp32":
+                from omnic.schedule_rules import tag_depthwise_kernels
+
+                mod, _ = tag_depthwise_kernels(mod)
             if spec.kind == "cpu":
                 mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
                 if precision == "int8":

@@ -1,4 +1,4 @@
-"""MetaSchedule rules omnic adds for CPU targets: pooling, and Winograd's transforms.
+"""MetaSchedule rules omnic adds for CPU targets: pooling, Winograd's transforms, depthwise convs.
 
 TOPI marks its pooling blocks with a ``schedule_rule`` annotation (``meta_schedule.pool_max``,
 ``pool_avg``, ``adaptive_pool_avg``, ``adaptive_pool_max``) and MetaSchedule's ``ApplyCustomRule``
@@ -12,6 +12,12 @@ the output's innermost dimension split into vector lanes, the window loops insid
 when small), every other output loop fused and run in parallel, and an average's division computed
 at the same place. The design space holds a few variants (lanes, unrolling, parallel or not); the
 tuner measures them and keeps the fastest, like any other task.
+
+NHWC depthwise convs (:func:`tag_depthwise_kernels` marks them when a module is prepared) get a
+space of register-tiled schedules with the padding and the epilogue fused
+(:func:`_schedule_depthwise`). MetaSchedule's generic tiling reached a third to a half of their
+speed: MobileNetV2's 144-channel 56x56 depthwise conv ran 0.10 ms from a 15-minute tuning run and
+0.035 ms from this space after 49 trials (Zen 5, timed alone).
 """
 from __future__ import annotations
 
@@ -52,6 +58,8 @@ def register() -> None:
         tvm_ffi.register_global_func(f"s_tir.meta_schedule.{key}.{inverse_rule}",
                                      lambda sch, block: _schedule_winograd_transform(sch, block, inline_padding=False),
                                      override=True)
+        tvm_ffi.register_global_func(f"s_tir.meta_schedule.{key}.{DEPTHWISE_RULE}", _schedule_depthwise,
+                                     override=True)
     _registered = True
 
 
@@ -72,7 +80,7 @@ def space_revision(mod: Any, target: Any) -> int:
             continue
         while pending:
             block = pending.pop()
-            if str(sch.get(block).annotations.get("schedule_rule", "")) in POOL_RULES + WINOGRAD_RULES:
+            if str(sch.get(block).annotations.get("schedule_rule", "")) in POOL_RULES + WINOGRAD_RULES + (DEPTHWISE_RULE,):
                 return SPACE_REVISION
             pending += list(sch.get_child_blocks(block))
     return 0
@@ -199,4 +207,150 @@ def _apply_transform(sch: Any, block: Any, *, lanes_cap: int, tiles_outer: bool,
     sch.unroll(u)
     sch.vectorize(lane)
     sch.parallel(fused)
+    return True
+
+
+# ------------------------------------------------------------------------------ depthwise convs
+#: the ``schedule_rule`` value :func:`tag_depthwise_kernels` puts on NHWC depthwise conv blocks
+DEPTHWISE_RULE = "omnic.depthwise_nhwc"
+#: output-width tiles tried (each a row of accumulators held in vector registers)
+DEPTHWISE_WIDTH_TILES = (4, 7, 8, 14)
+
+
+def tag_depthwise_kernels(mod: Any) -> tuple[Any, int]:
+    """Mark the depthwise conv of every fused NHWC kernel for :func:`_schedule_depthwise`.
+
+    A block is depthwise when it is a 7-loop conv (n, h, w, c spatial; ry, rx, rc reduction)
+    whose channel reduction has extent 1. The mark also carries the structural hash of the
+    whole kernel: the tuned schedule places the fused epilogue, so it is not replayable onto
+    another epilogue and each distinct kernel must be its own task (as with Winograd).
+
+    Returns:
+        ``(module, number of kernels tagged)``.
+    """
+    import tvm
+    import tvm_ffi
+    from tvm import s_tir
+
+    tagged_count = 0
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        try:
+            sch = s_tir.Schedule(func)
+            blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        except Exception:  # noqa: BLE001 - no block structure: nothing to tag
+            continue
+        conv = next((b for b in blocks if _is_depthwise_nhwc(sch, b)), None)
+        if conv is None:
+            continue
+        signature = f"{tvm_ffi.structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}"
+        sch.annotate(conv, "schedule_rule", DEPTHWISE_RULE)
+        sch.annotate(conv, "omnic.depthwise_kernel", signature)
+        tagged = sch.mod["main"]
+        if func.attrs is None or "global_symbol" not in func.attrs:
+            tagged = tagged.without_attr("global_symbol")
+        mod.update_func(gv, tagged)
+        tagged_count += 1
+    return mod, tagged_count
+
+
+def _is_depthwise_nhwc(sch: Any, block: Any) -> bool:
+    stmt = sch.get(block)
+    if not stmt.name_hint.startswith(("group_conv2d_nhwc", "depthwise_conv2d_nhwc")):
+        return False
+    kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
+    if kinds != [0, 0, 0, 0, 2, 2, 2]:
+        return False
+    rc, channels = stmt.iter_vars[6].dom.extent, stmt.iter_vars[3].dom.extent
+    # channels in vector lanes of at least 4 (else the generic rules schedule it)
+    return (hasattr(rc, "value") and int(rc.value) == 1 and hasattr(channels, "value")
+            and int(channels.value) % 4 == 0 and str(stmt.writes[0].source.dtype) == "float32")
+
+
+def _schedule_depthwise(sch: Any, block: Any) -> list[Any]:
+    """Design space of one NHWC depthwise conv and its fused epilogue.
+
+    MetaSchedule's generic tiling keeps the conv's output tile in memory, materialises the
+    padded input as a separate pass over the whole tensor in many of its samples, and leaves the
+    epilogue unvectorised, so MobileNetV2's depthwise convs ran at 50-120 GFLOP/s while its 1x1
+    convs reached 350-450. Here each output row is cut into tiles of ``w`` pixels x 16 channels
+    held in vector registers; the 3x3 window is unrolled over them (one weight vector reused
+    across the tile), the padding is read in place or copied per tile, and bias, activation and
+    residual are applied to the tile before it is stored once. Variants: tile width, padding
+    placement, channel groups inside or outside the width tiles, 16 or 8 lanes.
+    """
+    variants = []
+    width = _extent(sch, sch.get_loops(block)[2]) if len(sch.get_loops(block)) == 7 else None
+    for pad_mode in ("inline", "tile"):
+        for width_tile in _width_tiles(width or 0):
+            for channels_outer in (False, True):
+                for lanes_cap in (16, 8):
+                    if lanes_cap == 8 and (pad_mode != "inline" or channels_outer):
+                        continue
+                    candidate = sch.copy()
+                    try:
+                        if _apply_depthwise(candidate, block, pad_mode=pad_mode, width_tile=width_tile,
+                                            channels_outer=channels_outer, lanes_cap=lanes_cap):
+                            variants.append(candidate)
+                    except Exception:  # noqa: BLE001 - a shape this does not fit
+                        continue
+    return variants or [sch]
+
+
+def _width_tiles(width: int) -> tuple[int, ...]:
+    """Tile widths for an output row of ``width``: those of :data:`DEPTHWISE_WIDTH_TILES` that
+    divide it, else its divisors up to 16, else 8 (the last tile then runs predicated)."""
+    tiles = tuple(t for t in DEPTHWISE_WIDTH_TILES if width % t == 0)
+    tiles = tiles or tuple(t for t in range(16, 1, -1) if width % t == 0)[:3]
+    return tiles or (min(8, max(1, width)),)
+
+
+def _apply_depthwise(sch: Any, block: Any, *, pad_mode: str, width_tile: int, channels_outer: bool,
+                     lanes_cap: int) -> bool:
+    loops = sch.get_loops(block)
+    if len(loops) != 7:
+        return False
+    n, h, w, c, ry, rx, rc = loops
+    width, channels = _extent(sch, w), _extent(sch, c)
+    if width is None or channels is None:
+        return False
+    lanes = next((k for k in (16, 8, 4) if k <= lanes_cap and channels % k == 0), None)
+    if lanes is None:
+        return False
+
+    epilogue = None  # elementwise consumers: inlined into the last one, which runs per tile
+    while True:
+        consumers = sch.get_consumers(block)
+        if len(consumers) != 1:
+            break
+        if not sch.get_consumers(consumers[0]):
+            epilogue = consumers[0]
+            break
+        sch.compute_inline(consumers[0])
+
+    groups, lane = sch.split(c, [None, lanes])
+    w_outer, w_inner = sch.split(w, [None, width_tile])
+    tile_order = (groups, w_outer) if channels_outer else (w_outer, groups)
+    sch.reorder(n, h, *tile_order, rc, ry, rx, w_inner, lane)
+    outer = sch.fuse(n, h, groups) if channels_outer else sch.fuse(n, h)
+    tile = w_outer if channels_outer else groups
+    sch.parallel(outer)
+    for lp in (ry, rx, w_inner):
+        sch.unroll(lp)
+    sch.vectorize(lane)
+
+    for producer in sch.get_producers(block):  # the padding (the weights are parameters)
+        if pad_mode == "inline":
+            sch.compute_inline(producer)
+        else:
+            sch.compute_at(producer, tile)
+            sch.vectorize(sch.get_loops(producer)[-1])
+
+    if epilogue is not None:
+        sch.set_scope(block, 0, "local")
+        sch.reverse_compute_at(epilogue, tile)
+        sch.vectorize(sch.get_loops(epilogue)[-1])
+    # the reduction's init is split out by MetaSchedule's RewriteReductionBlock postproc, which
+    # must run after its parallel/vectorize rewrite (that rewrite rejects a split reduction)
     return True

@@ -1,6 +1,7 @@
-"""omnic's MetaSchedule rule for CPU pooling: every variant of its design space computes the pool,
-the space holds a vectorized schedule without an rfactor buffer, and tuning databases tuned before
-the rule reopen their pooling tasks."""
+"""omnic's MetaSchedule rules for CPU pooling and NHWC depthwise convs: every variant of their
+design spaces computes the op, the spaces hold the schedules they exist for (vectorized without an
+rfactor buffer; register tiles with the epilogue fused), tuning databases tuned before the pooling
+rule reopen their pooling tasks, and a tuned depthwise kernel comes from the rule."""
 from __future__ import annotations
 
 import json
@@ -156,3 +157,118 @@ def test_an_unfinished_pool_task_resumes_instead_of_reopening(fresh_cache):
     resumed = compile_(tuning_trials=16)
     assert resumed.report["tuning"]["resumed_tasks"] == 1
     assert resumed.report["max_rel_error"] <= 1e-4
+
+
+# ------------------------------------------------------------------------------ depthwise convs
+def _prepared_kernels(model, x):
+    """The fused PrimFuncs omnic tunes for ``model`` on this CPU (fp32, tagged)."""
+    from omnic import compiler
+
+    traced, deployment = engine._coerce(model, Deployment(device="host", threads=2), x)
+    spec = deployment.spec
+    target = spec.tvm_target(num_threads=2)
+    return compiler.prepare(compiler.lower(traced), spec, target, "fp32"), target
+
+
+def _depthwise_kernel(model, x):
+    import tvm
+
+    mod, target = _prepared_kernels(model, x)
+    found = [(gv, f) for gv, f in mod.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and schedule_rules.DEPTHWISE_RULE in f.script()]
+    assert len(found) == 1, [gv.name_hint for gv, _ in mod.functions_items()]
+    return tvm.IRModule({"main": found[0][1].with_attr("global_symbol", "main")}), target
+
+
+class DepthwiseBlock(nn.Module):
+    def __init__(self, channels, stride, residual=False):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.residual = residual
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y + x if self.residual else nn.functional.relu6(y)
+
+
+DEPTHWISE_CASES = {
+    # name: (channels, spatial, stride, residual)
+    "16 lanes, relu6, stride 1": (32, 14, 1, False),
+    "8 lanes (24 channels), stride 2": (24, 16, 2, False),
+    "width 7 (no tile of 4 or 8), residual add": (16, 7, 1, True),
+    "width 17 (prime: a predicated tile of 8), stride 1": (16, 17, 1, False),
+}
+
+
+@pytest.mark.parametrize("name", list(DEPTHWISE_CASES))
+def test_every_variant_of_the_depthwise_design_space_computes_the_conv(name):
+    """Each candidate (after MetaSchedule's postprocs, as the tuner builds it) matches the
+    unscheduled kernel, and the space holds register-tiled candidates with the epilogue fused."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    channels, size, stride, residual = DEPTHWISE_CASES[name]
+    block = DepthwiseBlock(channels, stride, residual).eval()
+    with torch.no_grad():
+        block.bn.running_mean.uniform_(-1, 1)
+        block.bn.running_var.uniform_(0.5, 2)
+    mod, target = _depthwise_kernel(block, torch.randn(1, channels, size, size))
+    schedule_rules.register()
+    assert schedule_rules.space_revision(mod, target) == schedule_rules.SPACE_REVISION
+    ctx = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply", search_strategy="evolutionary")
+    spaces = ctx.generate_design_space()
+    assert len(spaces) >= 4
+
+    dev = tvm.cpu(0)
+    rng = np.random.default_rng(0)
+    shapes = [[int(d) for d in param.ty.shape] for param in mod["main"].params]
+    args = [rng.standard_normal(s).astype("float32") for s in shapes[:-1]]
+    expected = tvm.runtime.tensor(np.zeros(shapes[-1], "float32"), dev)
+    tvm.compile(mod, target)["main"](*[tvm.runtime.tensor(a, dev) for a in args], expected)
+
+    register_tiled = 0
+    for space in spaces:
+        sch = space.copy()
+        assert all(pp.apply(sch) for pp in ctx.space_generator.postprocs), sch.trace
+        text = sch.mod.script()
+        register_tiled += "T.unroll" in text and 'scope="local"' in text and "T.vectorized" in text
+        out = tvm.runtime.tensor(np.zeros(shapes[-1], "float32"), dev)
+        tvm.compile(sch.mod, target)["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+        np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert register_tiled >= 1
+
+
+def test_only_depthwise_convs_are_tagged():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Conv2d(3, 16, 3, padding=1)  # rc = 3 x 3 x 3
+            self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)  # 4 input channels per group
+            self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.odd_depthwise = nn.Conv2d(6, 6, 3, padding=1, groups=6)  # < 4 lanes: generic rules
+            self.pointwise = nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            y = self.pointwise(self.depthwise(self.grouped(self.dense(x))))
+            return self.odd_depthwise(y[:, :6])
+
+    mod, _ = _prepared_kernels(Mixed().eval(), torch.randn(1, 3, 12, 12))
+    tagged = [gv.name_hint for gv, f in mod.functions_items() if schedule_rules.DEPTHWISE_RULE in f.script()]
+    assert len(tagged) == 1 and "conv2d" in tagged[0]
+
+
+def test_a_tuned_depthwise_kernel_comes_from_the_rule(fresh_cache):
+    """The depthwise task gets measured candidates (the postprocs accept the rule's schedules),
+    and the build applies one: the depthwise kernel is scheduled, register-tiled, and correct."""
+    model = nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU6(), DepthwiseBlock(32, 1), nn.Conv2d(32, 8, 1)).eval()
+    x = torch.randn(1, 8, 16, 16)
+    with tuning.using(FAST):
+        dm = engine.compile(model, Deployment(device="host", tuning_trials=24), x, progress=False)
+    assert dm.report["max_rel_error"] <= 1e-4
+    tasks = {t["name"]: t for t in dm.report["tuning"]["per_task"]}
+    measured_convs = [t for t in tasks.values() if t["name"].startswith("fused_conv2d") and t["best_ms"]
+                      and t["trials_run"] > 0]
+    assert len(measured_convs) == 3, tasks  # the two pointwise convs and the depthwise one
+    kernels = [f.script() for gv, f in dm.module.functions_items() if schedule_rules.DEPTHWISE_RULE in f.script()]
+    assert len(kernels) == 1 and '"tirx.is_scheduled": True' in kernels[0] and "T.unroll" in kernels[0]
