@@ -226,6 +226,12 @@ def test_every_variant_of_the_depthwise_design_space_computes_the_conv(name):
     args = [rng.standard_normal(s).astype("float32") for s in shapes[:-1]]
     expected = tvm.runtime.tensor(np.zeros(shapes[-1], "float32"), dev)
     tvm.compile(mod, target)["main"](*[tvm.runtime.tensor(a, dev) for a in args], expected)
+    # the unscheduled kernel is PyTorch's depthwise conv (NHWC input, OHWI weight, folded bias)
+    x, weight, bias = (torch.from_numpy(a) for a in args[:3])
+    conv = nn.functional.conv2d(x.permute(0, 3, 1, 2), weight.permute(0, 3, 1, 2), stride=stride, padding=1,
+                                groups=channels).permute(0, 2, 3, 1) + bias
+    torch_out = conv + torch.from_numpy(args[3]) if residual else conv.clamp(0, 6)
+    np.testing.assert_allclose(expected.numpy(), torch_out.numpy(), rtol=1e-5, atol=1e-5)
 
     register_tiled = 0
     for space in spaces:
