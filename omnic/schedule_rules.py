@@ -229,7 +229,6 @@ def tag_depthwise_kernels(mod: Any) -> tuple[Any, int]:
         ``(module, number of kernels tagged)``.
     """
     import tvm
-    import tvm_ffi
     from tvm import s_tir
 
     tagged_count = 0
@@ -244,15 +243,28 @@ def tag_depthwise_kernels(mod: Any) -> tuple[Any, int]:
         conv = next((b for b in blocks if _is_depthwise_nhwc(sch, b)), None)
         if conv is None:
             continue
-        signature = f"{tvm_ffi.structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}"
         sch.annotate(conv, "schedule_rule", DEPTHWISE_RULE)
-        sch.annotate(conv, "omnic.depthwise_kernel", signature)
-        tagged = sch.mod["main"]
-        if func.attrs is None or "global_symbol" not in func.attrs:
-            tagged = tagged.without_attr("global_symbol")
-        mod.update_func(gv, tagged)
+        mark_own_task(mod, gv, func, sch, conv, "omnic.depthwise_kernel")
         tagged_count += 1
     return mod, tagged_count
+
+
+def mark_own_task(mod: Any, gv: Any, func: Any, sch: Any, anchor: Any, key: str) -> None:
+    """Annotate ``anchor`` (a block of ``sch``, a schedule of ``func``) with the structural hash of
+    the whole kernel under ``key`` and put the result in ``mod`` at ``gv``.
+
+    omnic's tuning database keys workloads by their anchor block, so kernels that differ only in
+    their fused epilogue share one task and the tuned trace is replayed onto the others. Where a
+    schedule places the epilogue itself, that replay fails; the hash makes each distinct kernel
+    its own task, and the same kernel in another model still finds its record.
+    """
+    import tvm_ffi
+
+    sch.annotate(anchor, key, f"{tvm_ffi.structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}")
+    tagged = sch.mod["main"]
+    if func.attrs is None or "global_symbol" not in func.attrs:
+        tagged = tagged.without_attr("global_symbol")
+    mod.update_func(gv, tagged)
 
 
 def _is_depthwise_nhwc(sch: Any, block: Any) -> bool:
@@ -280,8 +292,9 @@ def _schedule_depthwise(sch: Any, block: Any) -> list[Any]:
     residual are applied to the tile before it is stored once. Variants: tile width, padding
     placement, channel groups inside or outside the width tiles, 16 or 8 lanes.
     """
+    loops = sch.get_loops(block)
+    width = _extent(sch, loops[2]) if len(loops) == 7 else None
     variants = []
-    width = _extent(sch, sch.get_loops(block)[2]) if len(sch.get_loops(block)) == 7 else None
     for pad_mode in ("inline", "tile"):
         for width_tile in _width_tiles(width or 0):
             for channels_outer in (False, True):

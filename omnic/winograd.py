@@ -319,19 +319,15 @@ def tag_fused_kernels(mod: Any) -> Any:
     the same kernel in another model still finds its record.
     """
     import tvm
-    import tvm_ffi
     from tvm import s_tir
+
+    from omnic.schedule_rules import mark_own_task  # schedule_rules imports this module
 
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or not _has_block(func, "winograd_gemm"):
             continue
-        signature = f"{tvm_ffi.structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}"
         sch = s_tir.Schedule(func)
-        sch.annotate(sch.get_sblock("winograd_gemm"), "omnic.winograd_kernel", signature)
-        tagged = sch.mod["main"]
-        if func.attrs is None or "global_symbol" not in func.attrs:
-            tagged = tagged.without_attr("global_symbol")
-        mod.update_func(gv, tagged)
+        mark_own_task(mod, gv, func, sch, sch.get_sblock("winograd_gemm"), "omnic.winograd_kernel")
     return mod
 
 
