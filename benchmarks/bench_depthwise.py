@@ -46,7 +46,7 @@ def main() -> int:
     model, x = zoo.get_model(args.model)
     tag = schedule_rules.tag_depthwise_kernels
     builds = {}
-    for name, cache, tagger in (("rule", args.rule_db, tag), ("generic", args.generic_db, lambda mod: (mod, 0))):
+    for name, cache, tagger in (("rule", args.rule_db, tag), ("generic", args.generic_db, lambda mod: mod)):
         os.environ["OMNIC_CACHE_DIR"] = str(Path(cache).resolve())
         schedule_rules.tag_depthwise_kernels = tagger
         try:

@@ -252,7 +252,7 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
             if spec.kind == "cpu" and precision == "fp32":
                 from omnic.schedule_rules import tag_depthwise_kernels
 
-                mod, _ = tag_depthwise_kernels(mod)
+                mod = tag_depthwise_kernels(mod)
             if spec.kind == "cpu":
                 mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
                 if precision == "int8":

@@ -80,7 +80,7 @@ def space_revision(mod: Any, target: Any) -> int:
             continue
         while pending:
             block = pending.pop()
-            if str(sch.get(block).annotations.get("schedule_rule", "")) in POOL_RULES + WINOGRAD_RULES + (DEPTHWISE_RULE,):
+            if str(sch.get(block).annotations.get("schedule_rule", "")) in _OWN_RULES:
                 return SPACE_REVISION
             pending += list(sch.get_child_blocks(block))
     return 0
@@ -215,9 +215,11 @@ def _apply_transform(sch: Any, block: Any, *, lanes_cap: int, tiles_outer: bool,
 DEPTHWISE_RULE = "omnic.depthwise_nhwc"
 #: output-width tiles tried (each a row of accumulators held in vector registers)
 DEPTHWISE_WIDTH_TILES = (4, 7, 8, 14)
+#: every ``schedule_rule`` value these rules handle (their tasks carry :data:`SPACE_REVISION`)
+_OWN_RULES = POOL_RULES + WINOGRAD_RULES + (DEPTHWISE_RULE,)
 
 
-def tag_depthwise_kernels(mod: Any) -> tuple[Any, int]:
+def tag_depthwise_kernels(mod: Any) -> Any:
     """Mark the depthwise conv of every fused NHWC kernel for :func:`_schedule_depthwise`.
 
     A block is depthwise when it is a 7-loop conv (n, h, w, c spatial; ry, rx, rc reduction)
@@ -225,13 +227,10 @@ def tag_depthwise_kernels(mod: Any) -> tuple[Any, int]:
     whole kernel: the tuned schedule places the fused epilogue, so it is not replayable onto
     another epilogue and each distinct kernel must be its own task (as with Winograd).
 
-    Returns:
-        ``(module, number of kernels tagged)``.
     """
     import tvm
     from tvm import s_tir
 
-    tagged_count = 0
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
@@ -245,8 +244,7 @@ def tag_depthwise_kernels(mod: Any) -> tuple[Any, int]:
             continue
         sch.annotate(conv, "schedule_rule", DEPTHWISE_RULE)
         mark_own_task(mod, gv, func, sch, conv, "omnic.depthwise_kernel")
-        tagged_count += 1
-    return mod, tagged_count
+    return mod
 
 
 def mark_own_task(mod: Any, gv: Any, func: Any, sch: Any, anchor: Any, key: str) -> None:
