@@ -22,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before omnic/tvm import
     from omnic import engine
-    from omnic.zoo import ZOO, get_model
+    from omnic.examples.zoo import ZOO, get_model
 
     print(f"machine: {machine_line()}; threads {args.threads}; omnic untuned (tuning_trials=0)")
     header = ("| model | input | omnic per call ms | omnic native ms | PyTorch eager ms | ONNX Runtime ms "

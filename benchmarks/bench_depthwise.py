@@ -40,8 +40,11 @@ def main() -> int:
     args = p.parse_args()
 
     from benchmarks.common import machine_line
-    from omnic import Deployment, engine, profiler, schedule_rules, zoo
-    from omnic.baselines import onnxruntime_session, per_call_ms
+    from omnic import Deployment, engine
+    from omnic.compile import profiler
+    from omnic.compile import rules as schedule_rules
+    from omnic.examples import zoo
+    from omnic.examples.baselines import onnxruntime_session, per_call_ms
 
     model, x = zoo.get_model(args.model)
     tag = schedule_rules.tag_depthwise_kernels

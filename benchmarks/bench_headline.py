@@ -81,7 +81,9 @@ def _budget_groups(model, x, marks: list[float], threads: int) -> list[list[floa
     """
     import tempfile
 
-    from omnic import Deployment, compiler, engine, winograd
+    from omnic import Deployment, engine
+    from omnic.compile import compiler
+    from omnic.compile import winograd
 
     traced, deployment = engine._coerce(model, Deployment(device="host", threads=threads), x)
     spec = deployment.spec
@@ -100,7 +102,8 @@ def _budget_groups(model, x, marks: list[float], threads: int) -> list[list[floa
 def _tune_with_copies(model, x, marks: list[float], cache: Path, args: argparse.Namespace,
                       config) -> tuple[dict[float, dict], dict, float]:
     """Tune into an empty database for ``marks[-1]`` minutes, copying it at each shorter mark."""
-    from omnic import Deployment, engine, tuning
+    from omnic import Deployment, engine
+    from omnic.compile import tuning
 
     run_root = cache / f"run-{marks[-1]:g}min"
     shutil.rmtree(run_root, ignore_errors=True)  # the budget starts from an empty database
@@ -144,7 +147,10 @@ def _tune_with_copies(model, x, marks: list[float], cache: Path, args: argparse.
 
 def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
     from benchmarks.common import conv_by_conv, ort_node_times, side_by_side, weight_sizes_in_call_order
-    from omnic import Deployment, engine, profiler, tuning, zoo
+    from omnic import Deployment, engine
+    from omnic.compile import profiler
+    from omnic.compile import tuning
+    from omnic.examples import zoo
 
     marks = sorted(args.tune_minutes)
     cache = out / f"cache-tuned-{model_name}"
@@ -202,7 +208,8 @@ def section_tuned(args: argparse.Namespace, model_name: str, out: Path) -> dict:
 
 
 def section_compile_memory(args: argparse.Namespace, model_name: str, out: Path) -> dict:
-    from omnic import Deployment, engine, zoo
+    from omnic import Deployment, engine
+    from omnic.examples import zoo
 
     tuned = json.loads((out / f"tuned-{model_name}.json").read_text())
     os.environ["OMNIC_CACHE_DIR"] = tuned["database"]
@@ -228,7 +235,8 @@ def _oracle_candidates(n: int):
 def section_oracle(args: argparse.Namespace, out: Path) -> dict:
     import torch
 
-    from omnic import Deployment, engine, tuning
+    from omnic import Deployment, engine
+    from omnic.compile import tuning
     from omnic.oracle import LatencyStore, Oracle
 
     cache = out / "cache-oracle"
@@ -318,7 +326,7 @@ def section_search(args: argparse.Namespace, out: Path) -> dict:
     import torch
 
     from benchmarks.bench_nas import bench_autonas
-    from omnic.measure import MeasureConfig
+    from omnic.core.measure import MeasureConfig
     from omnic.oracle import LatencyStore, Oracle
 
     cache = out / "cache-search"

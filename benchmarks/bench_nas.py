@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from omnic import nas
-from omnic.measure import MeasureConfig
+from omnic.core.measure import MeasureConfig
 from omnic.oracle import LatencyStore, Oracle
-from omnic.search.data import DigitsCNN, DigitsResNet, accuracy, accuracy_fn, digits_loaders, train_plain
+from omnic.examples.digits import DigitsCNN, DigitsResNet, accuracy, accuracy_fn, digits_loaders, train_plain
 from omnic.search.result import plot_pareto
 from omnic.search.train import recalibrate_bn
 

@@ -25,8 +25,9 @@ def bench_latency(name: str, input_size: int, trials: int, threads: int, fp32_tr
                   time_s: float | None = None) -> dict:
     import torch
 
-    from omnic import engine, tuning
-    from omnic.zoo import get_model
+    from omnic import engine
+    from omnic.compile import tuning
+    from omnic.examples.zoo import get_model
 
     if name == "conv3x3":  # one ResNet-18 layer-1 conv (+ReLU), 64->64 at 56x56: the kernel alone
         torch.manual_seed(0)
@@ -58,7 +59,7 @@ def bench_latency(name: str, input_size: int, trials: int, threads: int, fp32_tr
         row[f"{precision}_tuning"] = {k: dm.report["tuning"].get(k) for k in ("tasks", "tasks_in_database", "trials",
                                                                             "wall_s", "stopped_by_time")}
         # where the time goes (after the measurement, which must not run under the instrument hook)
-        from omnic import profiler
+        from omnic.compile import profiler
 
         rt = dm.runtime
         kernels = profiler.kernel_times(rt.vm, rt.dev, [rt.to_device(a) for a in dm.random_inputs()])
@@ -79,7 +80,7 @@ def bench_digits() -> dict:
     import torch
 
     from omnic import engine
-    from omnic.precision import digits_data, evaluate, train_digits_cnn
+    from omnic.examples.precision import digits_data, evaluate, train_digits_cnn
 
     data = digits_data()
     t0 = time.perf_counter()

@@ -26,10 +26,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from omnic import engine, rpc  # noqa: E402
-from omnic.deployment import Deployment  # noqa: E402
-from omnic.measure import MeasureConfig  # noqa: E402
+from omnic.core.deployment import Deployment  # noqa: E402
+from omnic.core.measure import MeasureConfig  # noqa: E402
 from omnic.oracle import LatencyStore, Oracle  # noqa: E402
-from omnic.rpc_batch import BatchConfig, FarmBatch  # noqa: E402
+from omnic.remote.batch import BatchConfig, FarmBatch  # noqa: E402
 
 
 class Candidate(nn.Module):

@@ -33,7 +33,9 @@ from benchmarks.common import machine_line, side_by_side  # noqa: E402
 
 
 def bench_model(name: str, budget_s: float, threads: int, rounds: int, config, min_time_s: float) -> dict:
-    from omnic import Deployment, engine, tuning, zoo
+    from omnic import Deployment, engine
+    from omnic.compile import tuning
+    from omnic.examples import zoo
 
     model, x = zoo.get_model(name)
     deployment = Deployment(device="host", threads=threads, tuning_trials=0, tuning_time_s=budget_s)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMNIC_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="omnic-bench-tuned-")
     print(f"machine: {machine_line()}; TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}; "
           f"cache {os.environ['OMNIC_CACHE_DIR']}", flush=True)
-    from omnic import tuning
+    from omnic.compile import tuning
 
     config = tuning.TuningConfig(builder=args.builder, trials_per_iter=args.per_iter,
                                  population_size=args.population, genetic_num_iters=args.genetic_iters)

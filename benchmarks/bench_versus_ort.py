@@ -36,7 +36,9 @@ def main() -> int:
 
     from benchmarks.bench_headline import conv_table
     from benchmarks.common import conv_by_conv, machine_line, ort_node_times, weight_sizes_in_call_order
-    from omnic import Deployment, engine, profiler, zoo
+    from omnic import Deployment, engine
+    from omnic.compile import profiler
+    from omnic.examples import zoo
 
     model, x = zoo.get_model(args.model)
     dm = engine.compile(model, Deployment(device="host", threads=args.threads), x, progress=False)

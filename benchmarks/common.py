@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnic.baselines import onnxruntime_session, per_call_ms, torch_eager_ms  # noqa: F401
+from omnic.examples.baselines import onnxruntime_session, per_call_ms, torch_eager_ms  # noqa: F401
 from omnic.engine import relative_error
 
 
@@ -54,7 +54,7 @@ def machine_line() -> str:
     except (OSError, StopIteration):
         pass
     try:  # "AMD EPYC" names Zen 3, 4 and 5 alike, and this VM kind is any of them from run to run
-        from omnic.targets.devices import host_cpu_name
+        from omnic.core.targets import host_cpu_name
 
         cpu += f" ({host_cpu_name()})"
     except Exception:  # noqa: BLE001 - the line is informative only
@@ -108,7 +108,7 @@ def side_by_side(model: torch.nn.Module, x: torch.Tensor, device_model: Any, *, 
 def ort_node_times(model: torch.nn.Module, x: torch.Tensor, threads: int, *, runs: int = 30, sessions: int = 3,
                    pause_s: float = 1.0) -> list[dict[str, Any]]:
     """ONNX Runtime's per-node times (its own profiler), in execution order, like
-    :func:`omnic.profiler.call_sites`: each node's fastest and median over ``runs`` runs split
+    :func:`omnic.compile.profiler.call_sites`: each node's fastest and median over ``runs`` runs split
     into ``sessions`` separated by ``pause_s``.
 
     Returns:
@@ -117,7 +117,7 @@ def ort_node_times(model: torch.nn.Module, x: torch.Tensor, threads: int, *, run
     import json
     import tempfile
 
-    from omnic.baselines import onnxruntime_session
+    from omnic.examples.baselines import onnxruntime_session
 
     with tempfile.TemporaryDirectory() as tmp:
         sess = onnxruntime_session(model, x, threads, profile_prefix=os.path.join(tmp, "ort"))
@@ -155,7 +155,7 @@ def weight_sizes_in_call_order(module: Any) -> list[tuple[str, int]]:
     import tvm
     from tvm import relax
 
-    from omnic import winograd
+    from omnic.compile import winograd
 
     def constant(expr: Any) -> bool:
         if isinstance(expr, tvm.ir.expr.Constant):
@@ -197,7 +197,7 @@ def conv_by_conv(omnic_sites: list[dict[str, Any]], ort_nodes: list[dict[str, An
     whose weight size is within a factor of ``max_ratio`` of its own.
 
     Args:
-        omnic_sites: :func:`omnic.profiler.call_sites` of the omnic build.
+        omnic_sites: :func:`omnic.compile.profiler.call_sites` of the omnic build.
         ort_nodes: :func:`ort_node_times` of the same model.
         weights: :func:`weight_sizes_in_call_order` of the omnic build's module.
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from omnic import engine
-from omnic.zoo import get_model
+from omnic.examples.zoo import get_model
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnic.deployment import Deployment
-from omnic.device_model import DeviceModel, attach_hint
-from omnic.errors import DeviceUnreachableError
-from omnic.ir import TracedModel, resolve_example_inputs, trace
-from omnic.measure import MeasureConfig
+from omnic.core.deployment import Deployment
+from omnic.compile.runtime import DeviceModel, attach_hint
+from omnic.core.errors import DeviceUnreachableError
+from omnic.core.ir import TracedModel, resolve_example_inputs, trace
+from omnic.core.measure import MeasureConfig
 
 
 def _coerce(model: Any, deployment: Any, example_inputs: Any) -> tuple[TracedModel, Deployment]:
@@ -78,13 +78,15 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         calibration: int8 only: calibration data (a tensor, a DataLoader, or an iterable of
             batches; ``(inputs, labels)`` batches are fine). Default: the example inputs, which
             gives the right kernels but poorly calibrated scales.
-        quantization: int8 only: a :class:`omnic.quantize.QuantConfig`, a dict of its fields or
+        quantization: int8 only: a :class:`omnic.compile.quantize.QuantConfig`, a dict of its fields or
             a calibration method name (``"minmax"``, ``"percentile"``).
 
     Returns:
         A :class:`DeviceModel` (callable, timeable, exportable).
     """
-    from omnic import compiler, tuning, winograd
+    from omnic.compile import compiler
+    from omnic.compile import tuning
+    from omnic.compile import winograd
 
     t0 = time.perf_counter()
     traced, deployment = _coerce(model, deployment, example_inputs)
@@ -96,7 +98,7 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     applies_db = (deployment.tuning_trials > 0 or bool(deployment.tuning_time_s) or database is not None
                   or (db_dir / "database_workload.json").exists())
     if deployment.precision == "int8":
-        from omnic import quantize
+        from omnic.compile import quantize
 
         if traced.source == "onnx":  # already quantized (QDQ) by its exporter: nothing to calibrate
             quantize.require_onnx_qdq(traced.onnx_path)
@@ -149,7 +151,7 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         actual = list(actual) if isinstance(actual, tuple) else [actual]
         report["max_rel_error"] = relative_error([a.numpy() for a in actual], expected)
     if q_report is not None:
-        from omnic import quantize
+        from omnic.compile import quantize
 
         report["ops_precision"] = quantize.ops_precision(q_report)
         summary = calib.summary() if calib is not None else {"source": "onnx-qdq", "integer": False}
@@ -183,7 +185,7 @@ def get_latency(model: Any, deployment: Any = None, example_inputs: Any = None, 
     _require_measurable(deployment)
     measurement = default_oracle().measure(traced, deployment, config=config)
     if not measurement.ok:
-        from omnic.errors import MeasurementError
+        from omnic.core.errors import MeasurementError
 
         raise MeasurementError(f"measuring on {deployment.device} failed: {measurement.error}")
     return float(measurement.median_ms)
@@ -194,9 +196,9 @@ def profile(model: Any, deployment: Any = None, example_inputs: Any = None, *, r
     """Per-kernel latency table, FLOPs, parameters, parameter and peak activation bytes.
 
     Returns:
-        A :class:`omnic.profiler.Profile` (a dict that prints as a table).
+        A :class:`omnic.compile.profiler.Profile` (a dict that prints as a table).
     """
-    from omnic import profiler
+    from omnic.compile import profiler
 
     traced, deployment = _coerce(model, deployment, example_inputs)
     _require_measurable(deployment)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from omnic.cli import main
+from omnic.cli.app import main
 
 
 def run_cli(capsys, *argv):

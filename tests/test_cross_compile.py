@@ -4,8 +4,8 @@ import json
 import pytest
 
 from omnic import engine
-from omnic.targets import DEVICES
-from omnic.zoo import get_model
+from omnic.core.targets import DEVICES
+from omnic.examples.zoo import get_model
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from omnic.demo import QUICK, DemoConfig, run_demo
+from omnic.examples.demo import QUICK, DemoConfig, run_demo
 
 
 @pytest.mark.slow

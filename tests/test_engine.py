@@ -8,7 +8,7 @@ from torch import nn
 
 import omnic
 from omnic import engine
-from omnic.zoo import ZOO, get_model
+from omnic.examples.zoo import ZOO, get_model
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import omnic
-from omnic.ir import trace
-from omnic.zoo import get_model
+from omnic.core.ir import trace
+from omnic.examples.zoo import get_model
 
 
 class DataDependent(nn.Module):
@@ -42,7 +42,7 @@ def test_hash_ignores_weights_but_not_architecture_or_shape():
     assert not torch.equal(a.conv1.weight, b.conv1.weight)
     assert trace(a, x).structural_hash == trace(b, x).structural_hash
     assert trace(a, x).structural_hash != trace(a, torch.randn(1, 3, 16, 16)).structural_hash
-    c = omnic.zoo.ResNet((1, 2, 2), (16, 32, 48), 10, stem="small").eval()
+    c = omnic.examples.zoo.ResNet((1, 2, 2), (16, 32, 48), 10, stem="small").eval()
     assert trace(c, x).structural_hash != trace(a, x).structural_hash
 
 
@@ -50,7 +50,7 @@ def test_hash_is_stable_across_processes():
     import subprocess
     import sys
 
-    code = ("from omnic.zoo import get_model; from omnic.ir import trace; "
+    code = ("from omnic.examples.zoo import get_model; from omnic.core.ir import trace; "
             "m, x = get_model('resnet_small'); print(trace(m, x).structural_hash)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     model, x = get_model("resnet_small")

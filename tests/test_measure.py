@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from omnic.measure import MeasureConfig, time_vm
+from omnic.core.measure import MeasureConfig, time_vm
 
 
 class ScriptedVM:

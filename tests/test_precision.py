@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 import omnic
-import omnic.ir
-from omnic import compiler, engine, quantize
-from omnic.precision import digits_data, evaluate, train_digits_cnn
+import omnic.core.ir
+from omnic import engine
+from omnic.compile import compiler
+from omnic.compile import quantize
+from omnic.examples.precision import digits_data, evaluate, train_digits_cnn
 
 
 def _clip_model():
@@ -88,7 +90,7 @@ def test_ops_precision_and_quantization_report(conv_dense):
     q = rep["quantization"]
     assert q["integer"] and q["batches"] == 8 and q["samples"] == 16 and q["source"] == "calibration"
     assert [layer["act_dtype"] for layer in q["layers"]] == ["int8", "int8", "uint8"]  # after ReLU: unsigned
-    vnni = omnic.targets.get_device("host").int_dot_product == "vnni"
+    vnni = omnic.core.targets.get_device("host").int_dot_product == "vnni"
     assert q["dot_product_packed_convs"] == (2 if vnni else 0) and q["dot_product"] == ("vpdpbusd" if vnni else None)
     acc = q["accuracy"]
     assert acc["samples"] == 16 and acc["max_rel_error"] < 0.05 and acc["top1_agreement"] >= 0.75
@@ -113,7 +115,7 @@ def test_integer_kernels_are_int8_times_int8_into_int32(conv_dense):
     kernels = integer_kernels(integer)
     assert any("conv2d" in k for k in kernels) and any("matmul" in k for k in kernels), kernels
     assert not integer_kernels(simulated)
-    if omnic.targets.get_device("host").int_dot_product == "vnni":
+    if omnic.core.targets.get_device("host").int_dot_product == "vnni":
         # the packed conv reads uint8 data and a weight with 16 outputs x 4 inputs innermost
         packed = [f.script() for _, f in integer.module.functions_items()
                   if isinstance(f, tvm.tirx.PrimFunc) and quantize.PACKED_BLOCK in f.script()]
@@ -168,7 +170,7 @@ def test_dot_product_packing_is_exact(family, act_dtype):
     assert n == 1
 
     def run(mod):
-        ex = tvm.compile(relax.transform.LegalizeOps()(mod), omnic.targets.get_device("host").tvm_target())
+        ex = tvm.compile(relax.transform.LegalizeOps()(mod), omnic.core.targets.get_device("host").tvm_target())
         vm = relax.VirtualMachine(ex, tvm.cpu())
         return vm["main"](tvm.runtime.tensor(x_np)).numpy()
 
@@ -182,16 +184,16 @@ def test_int8_calibration_inputs_and_percentile():
     x = torch.randn(4, 3, 16, 16)
     data = torch.utils.data.TensorDataset(torch.randn(24, 3, 16, 16), torch.zeros(24, dtype=torch.long))
     loader = torch.utils.data.DataLoader(data, batch_size=8)  # (inputs, labels) batches of another size
-    calib = quantize.calibrate(omnic.ir.trace(model, (x,)), loader, quantize.QuantConfig(method="percentile",
+    calib = quantize.calibrate(omnic.core.ir.trace(model, (x,)), loader, quantize.QuantConfig(method="percentile",
                                                                                        percentile=99.0))
     assert calib.batches == 3 and calib.samples == 24 and len(calib.layers) == 3
     for layer in calib.layers:
         assert layer.pct is not None and layer.pct <= max(abs(layer.amin), abs(layer.amax)) + 1e-6
     assert calib.layers[1].amin >= 0  # after ReLU6
-    with pytest.raises(quantize.QuantizationError, match="calibration"):
-        quantize.calibrate(omnic.ir.trace(model, (x,)), 42)
-    with pytest.raises(quantize.QuantizationError, match="does not match"):
-        quantize.calibrate(omnic.ir.trace(model, (x,)), torch.randn(2, 3, 8, 8))
+    with pytest.raises(omnic.QuantizationError, match="calibration"):
+        quantize.calibrate(omnic.core.ir.trace(model, (x,)), 42)
+    with pytest.raises(omnic.QuantizationError, match="does not match"):
+        quantize.calibrate(omnic.core.ir.trace(model, (x,)), torch.randn(2, 3, 8, 8))
     with pytest.raises(omnic.OmnicError):
         quantize.QuantConfig(method="entropy-ish")
 
@@ -252,7 +254,7 @@ def test_onnx_qdq_model_is_accepted_and_float_onnx_is_a_clear_error(tmp_path):
     assert dm.report["quantization"]["source"] == "onnx-qdq"
     assert dm.report["ops_precision"]["simulated_int8"]["dequantize"] > 0
     assert dm.report["max_rel_error"] < 1e-3  # vs onnxruntime running the same QDQ model
-    with pytest.raises(quantize.QuantizationError, match="float ONNX"):
+    with pytest.raises(omnic.QuantizationError, match="float ONNX"):
         engine.compile(str(fp32_path), {"device": "host", "precision": "int8"}, progress=False)
 
 
@@ -273,14 +275,14 @@ def test_arm_packed_int8_conv_is_tensorized_with_sdot_by_metaschedule():
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from omnic import tuning
+    from omnic.compile import tuning
 
     model, x = _clip_model(), torch.randn(1, 3, 16, 16)
     dm = engine.compile(model, {"device": "S888", "precision": "int8"}, x, progress=False)
     packed = [f for _, f in dm.module.functions_items()
               if isinstance(f, tvm.tirx.PrimFunc) and quantize.PACKED_BLOCK in f.script()]
     assert packed
-    target = omnic.targets.get_device("S888").tvm_target()
+    target = omnic.core.targets.get_device("S888").tvm_target()
     tuning._light_tensor_intrinsics(target)
     # a fixed seed: the design space's sampled tile sizes decide the build, and TVM's VectorizeLoop
     # rejects some of them ("Cannot broadcast lanes=4 to 16"; about 1 build in 4 with random seeds)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from benchmarks.common import conv_by_conv, ort_node_times, weight_sizes_in_call_order
-from omnic import engine, profiler
-from omnic.zoo import get_model
+from omnic import engine
+from omnic.compile import profiler
+from omnic.examples.zoo import get_model
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,18 @@ import time
 
 import numpy as np
 import pytest
+
+import omnic
 import torch
 from torch import nn
 
-from omnic import engine, rpc
-from omnic.device_model import LocalRuntime
-from omnic.errors import DeviceUnreachableError
-from omnic.measure import MeasureConfig
+from omnic import engine
+from omnic.remote import rpc
+from omnic.compile.runtime import LocalRuntime
+from omnic.core.errors import DeviceUnreachableError
+from omnic.core.measure import MeasureConfig
 from omnic.oracle import LatencyStore, Oracle
-from omnic.rpc_batch import BatchConfig
+from omnic.remote.batch import BatchConfig
 
 from tests.rpc_fixtures import FARM_KEY, rpc_farm, rpc_farm_module  # noqa: F401  (fixtures)
 
@@ -116,7 +119,7 @@ def rpc_farm_servers(farm) -> set[str]:
 
 
 def test_devices_cli_shows_the_queue(rpc_farm, capsys):
-    from omnic.cli import main
+    from omnic.cli.app import main
 
     assert main(["devices", "--tracker", rpc_farm.address, "--json"]) == 0
     import json
@@ -155,7 +158,7 @@ def test_measure_many_in_parallel_over_two_servers(rpc_farm, tmp_path):
 # ------------------------------------------------------------------------------ faults
 @pytest.mark.slow
 def test_server_killed_during_batch_the_batch_completes(rpc_farm, tmp_path, monkeypatch):
-    from omnic import rpc_batch
+    from omnic.remote import batch as rpc_batch
 
     real = rpc_batch.measure_on_server
     calls = []
@@ -226,13 +229,13 @@ def test_unreachable_tracker_is_a_clear_error_within_a_bounded_time(address, tmp
     assert time.monotonic() - t0 < 15.0
 
     if address.startswith("10."):
-        from omnic.cli import main
+        from omnic.cli.app import main
 
         assert main(["devices", "--tracker", address]) == 2  # the CLI prints the error, no traceback
 
 
 def test_cli_binds_loopback_by_default_and_warns_about_uploaded_code():
-    from omnic.cli import build_parser
+    from omnic.cli.app import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["tracker"]).host == "127.0.0.1"
@@ -246,7 +249,7 @@ def test_cli_binds_loopback_by_default_and_warns_about_uploaded_code():
 def test_lease_timeout_names_the_key(rpc_farm):
     with rpc.TrackerClient(rpc_farm.address) as client:
         t0 = time.monotonic()
-        with pytest.raises(rpc.LeaseTimeoutError, match="no-such-board"):
+        with pytest.raises(omnic.LeaseTimeoutError, match="no-such-board"):
             client.request("no-such-board", wait_s=1.0)
         assert time.monotonic() - t0 < 5.0
 
@@ -254,11 +257,12 @@ def test_lease_timeout_names_the_key(rpc_farm):
 # ----------------------------------------------------------------------------- tuning
 @pytest.mark.slow
 def test_rpc_runner_tunes_on_the_device(rpc_farm, tmp_path):
-    """omnic.tuning.tune on a remote deployment measures its candidates through make_rpc_runner."""
+    """omnic.compile.tuning.tune on a remote deployment measures its candidates through make_rpc_runner."""
     from tvm.s_tir import meta_schedule as ms
 
-    from omnic import compiler, tuning
-    from omnic.deployment import Deployment
+    from omnic.compile import compiler
+    from omnic.compile import tuning
+    from omnic.core.deployment import Deployment
 
     class MatMul(nn.Module):
         def __init__(self):

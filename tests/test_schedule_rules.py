@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from omnic import Deployment, engine, schedule_rules, tuning
+from omnic import Deployment, engine
+from omnic.compile import rules as schedule_rules
+from omnic.compile import tuning
 from tests.test_tuning import FAST
 
 CPU = {"kind": "llvm", "num-cores": 2}
@@ -162,7 +164,7 @@ def test_an_unfinished_pool_task_resumes_instead_of_reopening(fresh_cache):
 # ------------------------------------------------------------------------------ depthwise convs
 def _prepared_kernels(model, x):
     """The fused PrimFuncs omnic tunes for ``model`` on this CPU (fp32, tagged)."""
-    from omnic import compiler
+    from omnic.compile import compiler
 
     traced, deployment = engine._coerce(model, Deployment(device="host", threads=2), x)
     spec = deployment.spec

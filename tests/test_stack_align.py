@@ -1,4 +1,4 @@
-"""omnic's CPU pipeline keeps vector register spills on aligned stack slots (omnic.stack_align)."""
+"""omnic's CPU pipeline keeps vector register spills on aligned stack slots (omnic.compile.stack_align)."""
 from __future__ import annotations
 
 import re
@@ -10,7 +10,7 @@ tvm = pytest.importorskip("tvm")
 
 from tvm.script import tirx as T  # noqa: E402
 
-from omnic import stack_align  # noqa: E402
+from omnic.compile import stack_align  # noqa: E402
 
 # an AVX-512 target given explicitly: the test reads the assembly, it never runs it, so it holds
 # on any x86 host
@@ -82,7 +82,7 @@ def test_an_unaligned_ab_build_is_stored_apart(monkeypatch, tmp_path):
     import torch
 
     from omnic import Deployment
-    from omnic.ir import trace
+    from omnic.core.ir import trace
     from omnic.oracle import Oracle
     from omnic.oracle.store import LatencyStore
 

@@ -15,12 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
+
+import omnic
 import torch
 import torch.nn as nn
 
-from omnic import Deployment, engine, profiler, tuning
-from omnic.compiler import scheduled_kernels
-from omnic.measure import MeasureConfig
+from omnic import Deployment, engine
+from omnic.compile import profiler
+from omnic.compile import tuning
+from omnic.compile.compiler import scheduled_kernels
+from omnic.core.measure import MeasureConfig
 
 FAST = tuning.TuningConfig(trials_per_iter=4, population_size=24, genetic_num_iters=1, number=2,
                            min_repeat_ms=5, cost_model="random")
@@ -137,7 +141,9 @@ _CHILD = textwrap.dedent("""
     os.environ["OMNIC_CACHE_DIR"] = sys.argv[1]
     sys.path.insert(0, sys.argv[2])
     from tests.test_tuning import FAST, X, make
-    from omnic import Deployment, engine, profiler, tuning
+    from omnic import Deployment, engine
+    from omnic.compile import profiler
+    from omnic.compile import tuning
     with tuning.using(FAST):
         engine.compile(make(), Deployment(device="host", tuning_trials=int(sys.argv[3])), X, progress=False)
     print("FINISHED")
@@ -209,11 +215,11 @@ def test_torn_database_line_is_repaired(tmp_path):
 
 
 def test_config_and_budget_errors_are_typed():
-    with pytest.raises(tuning.TuningError):
+    with pytest.raises(omnic.TuningError):
         tuning.TuningConfig(builder="threads")
-    with pytest.raises(tuning.TuningError):
+    with pytest.raises(omnic.TuningError):
         tuning.TuningConfig(cost_model="mlp")
-    assert issubclass(tuning.TuningError, __import__("omnic").OmnicError)
+    assert issubclass(omnic.TuningError, __import__("omnic").OmnicError)
 
 
 def test_database_is_per_device_target_and_precision(fresh_cache):
@@ -232,7 +238,7 @@ def test_gpu_device_compiles_with_tuning_requested(fresh_cache):
 
 
 def test_remote_deployment_uses_the_rpc_runner(monkeypatch, fresh_cache):
-    import omnic.rpc
+    import omnic.remote.rpc
 
     calls = []
 
@@ -243,7 +249,7 @@ def test_remote_deployment_uses_the_rpc_runner(monkeypatch, fresh_cache):
         calls.append((deployment.device, evaluator_config))
         raise Stop
 
-    monkeypatch.setattr(omnic.rpc, "make_rpc_runner", fake)
+    monkeypatch.setattr(omnic.remote.rpc, "make_rpc_runner", fake)
     d = Deployment(device="host", tracker="127.0.0.1:9", tuning_trials=4)
     with tuning.using(FAST), pytest.raises(Stop):
         engine.compile(make(), d, X, check=False, progress=False)
@@ -254,7 +260,7 @@ def test_remote_deployment_uses_the_rpc_runner(monkeypatch, fresh_cache):
 
 
 def test_cli_tune_needs_a_budget(capsys):
-    from omnic.cli import main
+    from omnic.cli.app import main
 
     assert main(["tune", "resnet_small"]) == 2
     assert "--trials" in capsys.readouterr().err
@@ -262,7 +268,7 @@ def test_cli_tune_needs_a_budget(capsys):
 
 def test_batches_go_to_the_costliest_task_after_one_each():
     """After one batch per task (heaviest first), batches follow each task's share of model time."""
-    from omnic.tuning import _next_task, _Task
+    from omnic.compile.tuning import _next_task, _Task
 
     conv = _Task(name="conv", key="a", weight=2, flops=10.0, extracted=None)  # 2 x 1.0 ms
     pool = _Task(name="pool", key="b", weight=1, flops=1.0, extracted=None)  # 0.2 ms
@@ -284,7 +290,7 @@ def test_a_task_that_stops_improving_yields_to_one_that_still_improves():
     conv still gaining 15 % a batch gets more batches than the converged one, even once it costs
     the model less (1 / batches alone would give the converged one 9 of 16), and the converged
     one still gets some (the forward term keeps it in the race)."""
-    from omnic.tuning import _next_task, _Task
+    from omnic.compile.tuning import _next_task, _Task
 
     flat = _Task(name="flat", key="a", weight=1, flops=2.0, extracted=None)
     steep = _Task(name="steep", key="b", weight=1, flops=1.0, extracted=None)

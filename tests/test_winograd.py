@@ -1,4 +1,4 @@
-"""Winograd convolutions (omnic.winograd): the transforms are right, the kernel computes the conv for
+"""Winograd convolutions (omnic.compile.winograd): the transforms are right, the kernel computes the conv for
 odd shapes and paddings, every schedule in its tuning design space computes it too, and a tuned
 compile uses it exactly where it is eligible (untuned builds keep direct convs)."""
 from __future__ import annotations
@@ -8,7 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from omnic import Deployment, compiler, engine, schedule_rules, tuning, winograd
+from omnic import Deployment, engine
+from omnic.compile import compiler
+from omnic.compile import rules as schedule_rules
+from omnic.compile import tuning
+from omnic.compile import winograd
 from tests.test_tuning import FAST
 
 CPU = {"kind": "llvm", "num-cores": 2}

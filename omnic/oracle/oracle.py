@@ -6,17 +6,17 @@ import tempfile
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from omnic.cache import cache_root
-from omnic import stack_align
-from omnic.compiler import PIPELINE_REVISION
-from omnic.deployment import Deployment
-from omnic.ir import TracedModel, trace
-from omnic.measure import PROTOCOL_REVISION, MeasureConfig, Measurement
+from omnic.core.cache import cache_root
+from omnic.compile import stack_align
+from omnic.compile.compiler import PIPELINE_REVISION
+from omnic.core.deployment import Deployment
+from omnic.core.ir import TracedModel, trace
+from omnic.core.measure import PROTOCOL_REVISION, MeasureConfig, Measurement
 from omnic.oracle.store import LatencyStore, StoreKey
-from omnic.targets.devices import host_cpu_name
+from omnic.core.targets import host_cpu_name
 
 if TYPE_CHECKING:
-    from omnic.rpc_batch import BatchConfig
+    from omnic.remote.batch import BatchConfig
 
 
 class Oracle:
@@ -77,7 +77,7 @@ class Oracle:
                 if deployment.is_remote:
                     dm.runtime.close()  # give the leased server back to the farm now, not at GC
         except Exception as exc:  # noqa: BLE001 - a failed candidate is data
-            from omnic.errors import OmnicError
+            from omnic.core.errors import OmnicError
 
             if isinstance(exc, OmnicError) and type(exc).__name__ in ("DeviceUnreachableError",):
                 raise
@@ -105,7 +105,7 @@ class Oracle:
             deployment: ``Deployment`` or the equivalent dict.
             example_inputs: Inputs for the models that are not traced yet.
             config: The measurement protocol (default: the oracle's).
-            batch: Timeouts, retries and workers (:class:`omnic.rpc_batch.BatchConfig`).
+            batch: Timeouts, retries and workers (:class:`omnic.remote.batch.BatchConfig`).
             on_result: ``(index, Measurement)`` called as each candidate finishes.
 
         Returns:
@@ -115,9 +115,10 @@ class Oracle:
             DeviceUnreachableError: The tracker is unreachable or has no server under the key
                 (raised before anything is measured).
         """
-        from omnic import engine, rpc
-        from omnic.errors import DeviceUnreachableError
-        from omnic.rpc_batch import BatchConfig, FarmBatch, count_servers
+        from omnic import engine
+        from omnic.remote import rpc
+        from omnic.core.errors import DeviceUnreachableError
+        from omnic.remote.batch import BatchConfig, FarmBatch, count_servers
 
         deployment = Deployment.coerce(deployment)
         cfg = config or self.config

@@ -1,6 +1,6 @@
 """A kernel-level latency predictor per device, learned from exact measurements.
 
-The fused kernels TVM emits are known at compile time: :func:`omnic.compiler.prepare` returns the
+The fused kernels TVM emits are known at compile time: :func:`omnic.compile.compiler.prepare` returns the
 fused Relax module whose ``call_tir`` PrimFuncs are exactly the kernels the VM will call. So the
 predictor never guesses fusion rules. For each PrimFunc it reads features from the TIR (op kind
 tokens from the name, FLOPs from the loop extents of the reduction block, bytes of inputs,
@@ -47,8 +47,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from omnic.cache import cache_root
-from omnic.errors import OmnicError
+from omnic.core.cache import cache_root
+from omnic.core.errors import PredictorError
 
 #: Bumped whenever the meaning of a feature changes; samples with another version are re-collected.
 SCHEMA_VERSION = 4  # 2: loop-nest work terms, MobileNetV2 kernels and depths; 3: e2e = fastest of
@@ -73,9 +73,6 @@ FEATURES: tuple[str, ...] = (
      "n_inputs", "n_weights")
     + tuple(f"kind_{k}" for k in _KINDS) + tuple(f"tok_{t}" for t in _TOKENS) + ("tok_other",))
 
-
-class PredictorError(OmnicError):
-    """A predictor that cannot be fitted, loaded or used (no samples, wrong schema, missing file)."""
 
 
 # ------------------------------------------------------------------------------ feature extraction
@@ -293,7 +290,7 @@ def kernel_features(prepared: Any) -> list[dict[str, Any]]:
     """The kernels of a prepared (fused) module: name, call count and features.
 
     Args:
-        prepared: The module :func:`omnic.compiler.prepare` returns.
+        prepared: The module :func:`omnic.compile.compiler.prepare` returns.
 
     Returns:
         One dict per distinct PrimFunc that ``main`` calls: ``{"name", "calls", "features"}``.
@@ -377,7 +374,7 @@ class Variant:
         """``(model in eval mode with calibrated BN, example input)``."""
         import torch
 
-        from omnic import zoo
+        from omnic.examples import zoo
 
         p = dict(self.params)
         torch.manual_seed(seed)
@@ -462,7 +459,7 @@ def samples_path(device: str) -> Path:
 
 
 def _prepare(traced: Any, deployment: Any):
-    from omnic import compiler
+    from omnic.compile import compiler
 
     spec = deployment.spec
     target = spec.tvm_target(num_threads=deployment.threads)
@@ -477,16 +474,16 @@ def collect_sample(variant: Variant, deployment: Any = "host", *, runs: int = 15
         variant: The architecture to measure.
         deployment: A local deployment (device, precision, threads).
         runs: Instrumented runs per kernel round.
-        config: End-to-end protocol (default :class:`omnic.measure.MeasureConfig()`, the
+        config: End-to-end protocol (default :class:`omnic.core.measure.MeasureConfig()`, the
             oracle's); tests pass a cheaper one.
         passes: End-to-end measurements per session (at least 2).
 
     Returns:
         A JSON-friendly sample (see :func:`load_samples`).
     """
-    from omnic import compiler
-    from omnic.deployment import Deployment
-    from omnic.ir import trace
+    from omnic.compile import compiler
+    from omnic.core.deployment import Deployment
+    from omnic.core.ir import trace
 
     deployment = Deployment.coerce(deployment)
     if not deployment.spec.local or deployment.is_remote:
@@ -540,8 +537,8 @@ def _measure_session(sample: dict[str, Any], executable: Any, deployment: Any, *
     the fastest of the instrumented runs minus the hook's own cost per call, estimated as the
     cheapest per-call time of a VM builtin (e.g. ``null_value``), which does no work.
     """
-    from omnic.device_model import LocalRuntime
-    from omnic.measure import MeasureConfig, time_vm
+    from omnic.compile.runtime import LocalRuntime
+    from omnic.core.measure import MeasureConfig, time_vm
 
     passes = max(2, passes)
     config = config or MeasureConfig()
@@ -600,7 +597,7 @@ def remeasure(sample: dict[str, Any], deployment: Any = "host", *, runs: int = 1
     """
     import tvm
 
-    from omnic.deployment import Deployment
+    from omnic.core.deployment import Deployment
 
     deployment = Deployment.coerce(deployment)
     library = _library_path(deployment.device, sample["key"])
@@ -617,7 +614,7 @@ def _kernel_times(vm, inputs: Sequence[Any], *, runs: int) -> dict[str, dict[str
     Contention from other processes only ever adds time, so the fastest run is the best
     estimate of the kernel's own cost on a shared machine.
     """
-    from omnic.profiler import instrumented_runs
+    from omnic.compile.profiler import instrumented_runs
 
     samples: dict[str, list[float]] = {}
     calls: dict[str, int] = {}
@@ -678,7 +675,7 @@ def collect(variants: Sequence[Variant], deployment: Any = "host", *, path: Path
     its saved library), and keeps its fastest figures (:func:`_measure_session`). ``sample_kwargs``
     go to :func:`collect_sample`.
     """
-    from omnic.deployment import Deployment
+    from omnic.core.deployment import Deployment
 
     deployment = Deployment.coerce(deployment)
     path = path or samples_path(deployment.device)
@@ -1059,8 +1056,8 @@ class LatencyPredictor:
         Raises:
             PredictorError: The deployment's device or precision is not the predictor's.
         """
-        from omnic.deployment import Deployment
-        from omnic.ir import TracedModel, trace
+        from omnic.core.deployment import Deployment
+        from omnic.core.ir import TracedModel, trace
 
         deployment = Deployment.coerce(deployment if deployment is not None else self.device)
         if deployment.device != self.device:
@@ -1161,9 +1158,9 @@ def eval_variants(n: int, fit_n: int) -> list[Variant]:
 
 
 def cmd_fit(args) -> int:
-    from omnic.cli import _deployment_from
+    from omnic.cli.common import deployment_from
 
-    deployment = _deployment_from(args)
+    deployment = deployment_from(args)
     samples = collect(fit_variants(args.samples), deployment, log=_log, sessions=args.sessions)
     pred = LatencyPredictor(deployment.device, target=args.target).fit(samples)
     path = pred.save()
@@ -1173,9 +1170,9 @@ def cmd_fit(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from omnic.cli import _deployment_from
+    from omnic.cli.common import deployment_from
 
-    deployment = _deployment_from(args)
+    deployment = deployment_from(args)
     pred = LatencyPredictor.load(deployment.device, args.version)
     fit_n = len(pred.info.get("train", {}).get("variants", [])) or 200
     held = [v for v in eval_variants(args.samples, fit_n)
@@ -1201,9 +1198,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_collect(args) -> int:
-    from omnic.cli import _deployment_from
+    from omnic.cli.common import deployment_from
 
-    deployment = _deployment_from(args)
+    deployment = deployment_from(args)
     variants = fit_variants(args.samples) if args.set == "fit" else eval_variants(args.samples, 200)
     samples = collect(variants, deployment, log=_log, sessions=args.sessions)
     print(f"{len(samples)} samples for {deployment.device} in {samples_path(deployment.device)}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from omnic.measure import Measurement
+from omnic.core.measure import Measurement
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS measurements (

@@ -19,10 +19,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from omnic.deployment import Deployment
-from omnic.errors import DeploymentError, MeasurementError, PassError
-from omnic.ir import TracedModel, resolve_example_inputs, trace
-from omnic.measure import MeasureConfig, Measurement
+from omnic.core.deployment import Deployment
+from omnic.core.errors import DeploymentError, MeasurementError, PassError
+from omnic.core.ir import TracedModel, resolve_example_inputs, trace
+from omnic.core.measure import MeasureConfig, Measurement
 from omnic.passes import DEFAULT_PASSES
 from omnic.passes.base import EXAMPLE_INPUTS_META, copy_graph_module, get_pass, run_passes
 
@@ -157,7 +157,7 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
     """Adapt ``model`` to the deployment's device, keeping rewrites that measurably lower latency.
 
     Args:
-        model: An ``nn.Module``, ``fx.GraphModule`` or :class:`~omnic.ir.TracedModel`.
+        model: An ``nn.Module``, ``fx.GraphModule`` or :class:`~omnic.core.ir.TracedModel`.
         deployment: ``Deployment``, dict or device name (default ``host``); must be measurable
             (this machine, or a device attached through a tracker).
         example_inputs: A tensor or tuple of tensors (outputs are compared on them, and the
@@ -199,8 +199,8 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
     say = progress or (lambda _msg: None)
     if measure and not spec.local and not deployment.is_remote:
         # fail before tracing and compiling anything (the oracle would only find out after a build)
-        from omnic.device_model import attach_hint
-        from omnic.errors import DeviceUnreachableError
+        from omnic.compile.runtime import attach_hint
+        from omnic.core.errors import DeviceUnreachableError
 
         raise DeviceUnreachableError(attach_hint(deployment) + " (or pass measure=False / --no-measure "
                                      "to see the proposed rewrites unmeasured)")
@@ -316,7 +316,7 @@ def _paired(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple[torch.Tensor, ..
             config: MeasureConfig | None, rounds: int = 3) -> tuple[Measurement, Measurement]:
     """Time ``a`` and ``b`` alternately (a, b, a, b, ...) so both see the same machine load."""
     from omnic import engine
-    from omnic.measure import relative_spread
+    from omnic.core.measure import relative_spread
 
     dms = [engine.compile(trace(g, inputs), deployment, check=False, progress=False) for g in (a, b)]
     runs: list[list[float]] = [[], []]
@@ -343,7 +343,7 @@ def _run_one(gm: fx.GraphModule, spec: Any, name: str, done: list[str]):
 # ------------------------------------------------------------------------------------------ CLI
 def register_cli(subparsers: Any) -> None:
     """Add ``omnic adapt MODEL --input-shape ... [--exact-only] [--approximate] [--json]``."""
-    from omnic.cli import add_model_args
+    from omnic.cli.common import add_model_args
 
     p = subparsers.add_parser("adapt", help="rewrite a model for a device; keep what measurably helps")
     add_model_args(p)
@@ -360,17 +360,17 @@ def register_cli(subparsers: Any) -> None:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from omnic.cli import _deployment_from, _emit, load_model_spec, parse_shape
+    from omnic.cli.common import deployment_from, emit, load_model_spec, parse_shape
 
     model, x = load_model_spec(args.model, parse_shape(args.input_shape))
     passes = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
     quiet = getattr(args, "json", False)
-    adapted = adapt(model, _deployment_from(args), x, exact_only=args.exact_only,
+    adapted = adapt(model, deployment_from(args), x, exact_only=args.exact_only,
                     approximate=args.approximate, tolerance=args.tolerance, passes=passes,
                     measure=not args.no_measure,
                     progress=None if quiet else (lambda msg: print(msg, file=sys.stderr)))
     report = adapted.adapt_report
     if args.save:
         torch.save(adapted, args.save)
-    _emit(args, report.to_dict(), report.table() + (f"\nsaved: {args.save}" if args.save else ""))
+    emit(args, report.to_dict(), report.table() + (f"\nsaved: {args.save}" if args.save else ""))
     return 0

@@ -21,8 +21,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from omnic.errors import OmnicError, PassError
-from omnic.targets import DeviceSpec
+from omnic.core.errors import OmnicError, PassError
+from omnic.core.targets import DeviceSpec
 
 #: ``gm.meta`` key under which :func:`omnic.passes.adapt.adapt` leaves the example inputs, so
 #: passes that calibrate (LayerNorm -> BatchNorm) use real activations instead of random ones.
@@ -127,7 +127,7 @@ def example_inputs_of(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
             continue
         meta = node.meta.get("tensor_meta")
         if meta is None:
-            raise PassError(f"placeholder {node.name!r} has no shape: trace the model with omnic.ir.trace first")
+            raise PassError(f"placeholder {node.name!r} has no shape: trace the model with omnic.core.ir.trace first")
         inputs.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
     return tuple(inputs)
 

@@ -1,6 +1,6 @@
 """Device-driven passes: legalise what the device cannot run, pad channels, swap slow operators.
 
-Which rewrites a device wants comes from fields of its :class:`~omnic.targets.DeviceSpec`
+Which rewrites a device wants comes from fields of its :class:`~omnic.core.targets.DeviceSpec`
 (``slow_ops``, ``fast_ops``, ``channel_multiple``, ``has_fast_layernorm``,
 ``max_depthwise_kernel``, ``unsupported_ops``), never from its name. A pass that does not apply
 to a device returns a copy of its input and says why in the report.
@@ -18,10 +18,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from omnic.errors import UnsupportedOperatorError
+from omnic.core.errors import UnsupportedOperatorError
 from omnic.passes.base import (PassReport, call_sites, copy_graph_module, example_inputs_of, module_of,
                                refresh_shapes, register_pass, set_module, shape_of, unchanged)
-from omnic.targets import DeviceSpec
+from omnic.core.targets import DeviceSpec
 
 #: Operators TVM's importers cannot take on any device (TVM_NOTES 1.2), with why.
 TVM_UNSUPPORTED: Mapping[str, str] = {
@@ -54,7 +54,7 @@ def legalize_unsupported(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.Graph
     ``AdaptiveMaxPool2d`` (no TVM converter) becomes ``amax`` over H, W for a 1x1 output, or
     ``MaxPool2d`` with a fixed kernel when the input size is a multiple of the output size (both
     exact). Anything else listed in :data:`TVM_UNSUPPORTED` or the device's ``unsupported_ops``
-    raises :class:`~omnic.errors.UnsupportedOperatorError` naming the node, its shape and a fix.
+    raises :class:`~omnic.core.errors.UnsupportedOperatorError` naming the node, its shape and a fix.
 
     Raises:
         UnsupportedOperatorError: An unsupported operator with no exact rewrite here.

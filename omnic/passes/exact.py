@@ -17,7 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from omnic.passes.base import (PassReport, call_sites, copy_graph_module, module_of, refresh_shapes,
                                register_pass, set_module, shape_of)
-from omnic.targets import DeviceSpec
+from omnic.core.targets import DeviceSpec
 
 _ALL_DEVICES = "exact on every device"
 

@@ -7,8 +7,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
-from omnic.deployment import Deployment
-from omnic.errors import SearchError
+from omnic.core.deployment import Deployment
+from omnic.core.errors import SearchError
 from omnic.search.autonas import Constraints, SearchConfig, Searcher, random_search
 from omnic.search.convert import ConvertConfig, convert
 from omnic.search.fastnas import FastNASConfig, fastnas_search, sort_channels

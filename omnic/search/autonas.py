@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 
-from omnic.deployment import Deployment
-from omnic.errors import InfeasibleConstraintError, SearchError
+from omnic.core.deployment import Deployment
+from omnic.core.errors import InfeasibleConstraintError, SearchError
 from omnic.search.predictor import LatencyPredictor
 from omnic.search.result import SearchResult, pareto_front
 from omnic.search.space import Config, SearchSpace

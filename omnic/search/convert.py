@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from omnic.errors import SearchError
-from omnic.ir import as_input_tuple, symbolic_trace
+from omnic.core.errors import SearchError
+from omnic.core.ir import as_input_tuple, symbolic_trace
 from omnic.search.elastic import DepthGate, ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
 from omnic.search.space import Choice, SearchSpace
 from omnic.search.supernet import OmniModel

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from omnic.deployment import Deployment
-from omnic.errors import InfeasibleConstraintError, SearchError
+from omnic.core.deployment import Deployment
+from omnic.core.errors import InfeasibleConstraintError, SearchError
 from omnic.search.autonas import Constraints, OracleLike, _weights_fingerprint
 from omnic.search.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
 from omnic.search.result import SearchResult, pareto_front
@@ -181,7 +181,7 @@ def fastnas_search(omni: Any, constraints: Any, deployment: Any, score_fn: Calla
         InfeasibleConstraintError: Even the narrowest configuration measures over budget (carries
             its latency).
     """
-    from omnic.cache import cache_root
+    from omnic.core.cache import cache_root
     from omnic.search.train import recalibrate_bn
 
     from omnic.search.train import fixed_batches

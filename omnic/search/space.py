@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from omnic.errors import SearchError
+from omnic.core.errors import SearchError
 
 Config = dict[str, Any]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnic.errors import SearchError
+from omnic.core.errors import SearchError
 
 
 @dataclass(frozen=True, kw_only=True)

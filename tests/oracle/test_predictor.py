@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from omnic.deployment import Deployment
-from omnic.ir import trace
-from omnic.measure import MeasureConfig
+from omnic.core.deployment import Deployment
+from omnic.core.ir import trace
+from omnic.core.measure import MeasureConfig
 from omnic.oracle import predictor as P
 
 
@@ -120,7 +120,7 @@ def test_held_out_accuracy_is_computed(samples):
 def test_predict_from_a_model_builds_nothing_and_matches_the_features(samples, monkeypatch):
     fit, _ = samples
     pred = P.LatencyPredictor("host").fit(fit)
-    from omnic import compiler
+    from omnic.compile import compiler
 
     def no_build(*_a, **_k):
         raise AssertionError("predict must not build")
@@ -136,7 +136,7 @@ def test_predict_from_a_model_builds_nothing_and_matches_the_features(samples, m
 
 
 def _other_device() -> Deployment:
-    from omnic.targets import DEVICES
+    from omnic.core.targets import DEVICES
 
     name = next(n for n in DEVICES if n != "host")
     return Deployment(device=name)
@@ -187,7 +187,7 @@ def test_variants_are_distinct_and_held_out_excludes_fit():
 
 
 def test_cli_registers_fit_and_eval():
-    from omnic.cli import build_parser
+    from omnic.cli.app import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["predictor", "fit", "--device", "host", "--samples", "12"])

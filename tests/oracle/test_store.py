@@ -10,11 +10,11 @@ import sys
 import torch
 
 from omnic import Deployment, engine
-from omnic.ir import trace
-from omnic.measure import MeasureConfig, Measurement
+from omnic.core.ir import trace
+from omnic.core.measure import MeasureConfig, Measurement
 from omnic.oracle import Oracle
 from omnic.oracle.store import LatencyStore, StoreKey
-from omnic.targets.devices import host_cpu_name
+from omnic.core.targets import host_cpu_name
 
 QUICK = MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1)
 
@@ -27,7 +27,7 @@ def small():
 
 _LOOKUP_CHILD = _MODEL + """
 import json, sys
-from omnic.measure import MeasureConfig
+from omnic.core.measure import MeasureConfig
 from omnic.oracle import Oracle
 from omnic.oracle.store import LatencyStore
 oracle = Oracle(LatencyStore(sys.argv[1]), MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1))
@@ -37,7 +37,7 @@ print(json.dumps({"median_ms": m.median_ms, "cached": m.cached, "fresh": oracle.
 
 _WRITER_CHILD = """
 import sys
-from omnic.measure import Measurement
+from omnic.core.measure import Measurement
 from omnic.oracle.store import LatencyStore, StoreKey
 path, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = LatencyStore(path)

@@ -6,9 +6,9 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from omnic import ir
+from omnic.core import ir
 from omnic.passes import PassReport, get_pass
-from omnic.targets import DeviceSpec, get_device
+from omnic.core.targets import DeviceSpec, get_device
 
 
 def spec(**overrides) -> DeviceSpec:

@@ -11,9 +11,10 @@ import json
 import pytest
 import torch
 
-from omnic import engine, nas, zoo
-from omnic.errors import DeploymentError
-from omnic.measure import MeasureConfig
+from omnic import engine, nas
+from omnic.examples import zoo
+from omnic.core.errors import DeploymentError
+from omnic.core.measure import MeasureConfig
 
 LEAN = MeasureConfig(min_repeat_ms=20.0, repeats=5, max_rounds=2, time_budget_s=0.1)
 
@@ -87,7 +88,7 @@ def test_adapt_approximate_is_bounded_and_reported():
 
 
 def test_cli_adapt(capsys):
-    from omnic.cli import main
+    from omnic.cli.app import main
 
     # the same model and input as test_adapt_conv_attention: measurements come from the store
     rc = main(["adapt", "conv_attention", "--input-shape", "1,3,32,32", "--exact-only", "--json",
@@ -99,7 +100,7 @@ def test_cli_adapt(capsys):
 
 
 def test_adapt_without_measuring_proposes_for_an_unattached_device():
-    from omnic.errors import DeviceUnreachableError
+    from omnic.core.errors import DeviceUnreachableError
 
     model, x = zoo.get_model("conv_attention", input_shape=(1, 3, 32, 32))
     with pytest.raises(DeviceUnreachableError, match="measure=False"):

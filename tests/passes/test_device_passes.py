@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnic.passes import get_pass
-from omnic.targets import get_device
+from omnic.core.targets import get_device
 from tests.passes.helpers import apply, calls_module, count, spec
 
 SLOW_ACTS = spec(slow_ops={"gelu": "erf", "silu": "exp", "mish": "exp", "sigmoid": "exp"})

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnic.errors import UnsupportedOperatorError
+from omnic.core.errors import UnsupportedOperatorError
 from omnic.passes import get_pass
 from tests.passes.helpers import apply, calls_module, count, spec
 
@@ -235,7 +235,7 @@ def test_legalize_unsupported_leaves_alone_or_names_the_op():
     x = torch.randn(1, 3, 8, 8)
     _, _, rep, ref, out = apply(UnequalPool(), x, "legalize_unsupported", HOST16)
     assert not rep.changed and torch.equal(out, ref)
-    from omnic import ir
+    from omnic.core import ir
 
     gm = ir.trace(nn.Sequential(nn.AdaptiveMaxPool2d(3)), x).gm
     with pytest.raises(UnsupportedOperatorError, match=r"adaptive_max_pool2d.*8x8 -> output 3x3"):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from omnic import ir
-from omnic.errors import OmnicError, PassError
+from omnic.core import ir
+from omnic.core.errors import OmnicError, PassError
 from omnic.passes import DEFAULT_PASSES, PassReport, registered_passes, run_passes
 from tests.passes.helpers import assert_unchanged, snapshot, spec
 

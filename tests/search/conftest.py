@@ -10,7 +10,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def oracle(tmp_path_factory):
-    from omnic.measure import MeasureConfig
+    from omnic.core.measure import MeasureConfig
     from omnic.oracle import LatencyStore, Oracle
 
     path = tmp_path_factory.mktemp("search-oracle") / "latency.sqlite"
@@ -19,7 +19,7 @@ def oracle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits():
-    from omnic.search.data import digits_loaders
+    from omnic.examples.digits import digits_loaders
 
     return digits_loaders(size=8, seed=0)
 
@@ -37,7 +37,7 @@ def calib(digits):
 def trained_supernet(digits):
     """A DigitsResNet supernet after a short sandwich training (shared by the search tests)."""
     from omnic import nas
-    from omnic.search.data import DigitsResNet
+    from omnic.examples.digits import DigitsResNet
 
     torch.manual_seed(0)
     omni = nas.omnimize(DigitsResNet(width=16), example_inputs=torch.randn(1, 1, 8, 8), divisor=4)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from omnic.cli import main
+from omnic.cli.app import main
 
 
 def test_cli_search_writes_report(tmp_path, capsys):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from omnic import nas, zoo
-from omnic.errors import SearchError
-from omnic.search.data import DigitsResNet
+from omnic import nas
+from omnic.examples import zoo
+from omnic.core.errors import SearchError
+from omnic.examples.digits import DigitsResNet
 from omnic.search.elastic import DepthGate, ElasticConv2d
 from tests.search.nets import ConcatNet, GroupedNet
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from omnic import engine, nas
-from omnic.search.data import DigitsResNet
+from omnic.examples.digits import DigitsResNet
 from tests.search.nets import ConcatNet, GroupedNet
 
 FACTORIES = {"digits_resnet": lambda: DigitsResNet(width=16), "concat": ConcatNet, "grouped": GroupedNet}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from omnic import nas
-from omnic.errors import InfeasibleConstraintError
-from omnic.search.data import DigitsCNN, DigitsResNet, accuracy, accuracy_fn, train_plain
+from omnic.core.errors import InfeasibleConstraintError
+from omnic.examples.digits import DigitsCNN, DigitsResNet, accuracy, accuracy_fn, train_plain
 from tests.search.nets import ConcatNet
 
 

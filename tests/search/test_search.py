@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from omnic import nas
-from omnic.errors import InfeasibleConstraintError, SearchError
-from omnic.measure import Measurement
+from omnic.core.errors import InfeasibleConstraintError, SearchError
+from omnic.core.measure import Measurement
 from omnic.search.autonas import EvolutionStrategy, SearchConfig
-from omnic.search.data import accuracy_fn
+from omnic.examples.digits import accuracy_fn
 
 SMALL = dict(population=6, parents=3, generations=2, max_measurements=6, verify_per_generation=2,
              calib_batches=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from omnic import nas
-from omnic.search.data import accuracy, accuracy_fn
+from omnic.examples.digits import accuracy, accuracy_fn
 from omnic.search.train import preserved_bn_stats, recalibrate_bn
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from omnic.targets import DEVICES, get_device, host_target_dict
-from omnic.targets.devices import host_cpu_features
+from omnic.core.targets import DEVICES, get_device, host_target_dict
+from omnic.core.targets import host_cpu_features
 
 REQUIRED = {"host", "S888", "S888-gpu", "rasp4b", "jetson-orin-nano", "a100"}
 

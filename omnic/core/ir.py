@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from omnic.errors import InputShapeError, TraceError
+from omnic.core.errors import InputShapeError, TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OMNIC_DIR = os.path.dirname(__file__)

@@ -81,7 +81,7 @@ class DigitsResNet(nn.Module):
     def __init__(self, width: int = 16, blocks: tuple[int, int] = (2, 2), in_channels: int = 1,
                  num_classes: int = 10):
         super().__init__()
-        from omnic.zoo import BasicBlock
+        from omnic.examples.zoo import BasicBlock
 
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU(inplace=True))

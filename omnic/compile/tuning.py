@@ -51,10 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from omnic import schedule_rules
-from omnic.cache import cache_root
-from omnic.deployment import Deployment
-from omnic.errors import OmnicError
+from omnic.compile import rules as schedule_rules
+from omnic.core.cache import cache_root
+from omnic.core.deployment import Deployment
+from omnic.core.errors import TuningError
 
 LEDGER = "omnic_tasks.json"
 LEDGER_VERSION = 2  # 2: tasks are keyed by their anchor op (MODULE_EQUALITY)
@@ -67,9 +67,6 @@ LEDGER_VERSION = 2  # 2: tasks are keyed by their anchor op (MODULE_EQUALITY)
 #: (MetaSchedule's ``schedule_using_anchor_trace``). ResNet-18: 23 tasks become 16.
 MODULE_EQUALITY = "anchor-block"
 
-
-class TuningError(OmnicError):
-    """Tuning could not run (bad configuration, a database that cannot be read)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -347,14 +344,14 @@ def _write_ledger(path: Path, ledger: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------- builders
 def fast_build(mod: Any, target: Any, _params: Any = None) -> Any:
     """MetaSchedule's default build minus ``import tvm.s_tir.tensor_intrin`` (17 s per worker),
-    with omnic's CPU pipeline (:mod:`omnic.stack_align`).
+    with omnic's CPU pipeline (:mod:`omnic.compile.stack_align`).
 
     Fine for fp32/fp16 kernels; schedule rules with tensor intrinsics would need the default.
     """
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    from omnic.stack_align import pipeline_for
+    from omnic.compile.stack_align import pipeline_for
 
     # the final build's TIR pipeline (aligned vector spills), so what is tuned is what runs
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target,
@@ -380,7 +377,7 @@ def _light_tensor_intrinsics(target: Any) -> None:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.submodule_search_locations is None:
             return
-        pkg = types.ModuleType(name, "Tensor intrinsics (loaded per target family by omnic.tuning).")
+        pkg = types.ModuleType(name, "Tensor intrinsics (loaded per target family by omnic.compile.tuning).")
         pkg.__path__ = list(spec.submodule_search_locations)
         pkg.__spec__, pkg.__file__, pkg.__package__ = spec, spec.origin, name
         sys.modules[name] = pkg
@@ -499,7 +496,7 @@ def _make_runner(deployment: Deployment, config: TuningConfig, runner: Any) -> A
     if runner is not None:
         return runner
     if deployment.is_remote:
-        from omnic.rpc import make_rpc_runner  # lazy: RPC is only needed for remote devices
+        from omnic.remote.rpc import make_rpc_runner  # lazy: RPC is only needed for remote devices
 
         return make_rpc_runner(deployment, evaluator)
     return ms.runner.LocalRunner(evaluator_config=evaluator)
@@ -882,7 +879,7 @@ def database_for(prepared: Any, deployment: Deployment, target: Any, *, progress
 def register_cli(subparsers: Any) -> None:
     """``omnic tune MODEL --trials N --time-s S``: tune a model's new tasks into the device's
     database (``compile`` reuses them), and print what was tuned."""
-    from omnic.cli import add_model_args
+    from omnic.cli.common import add_model_args
 
     p = subparsers.add_parser("tune", help="tune a model's new tasks into the device's persistent database")
     add_model_args(p)
@@ -894,12 +891,12 @@ def register_cli(subparsers: Any) -> None:
 
 def _cmd_tune(args: Any) -> int:
     from omnic import engine
-    from omnic.cli import _deployment_from, _emit, load_model_spec, parse_shape
+    from omnic.cli.common import deployment_from, emit, load_model_spec, parse_shape
 
     if not args.trials and not args.time_s:
         raise TuningError("give a budget: --trials N and/or --time-s SECONDS")
     model, x = load_model_spec(args.model, parse_shape(args.input_shape))
-    deployment = _deployment_from(args).replace(tuning_time_s=args.time_s)
+    deployment = deployment_from(args).replace(tuning_time_s=args.time_s)
     with using(TuningConfig(trials_per_iter=args.per_iter, population_size=args.population)):
         dm = engine.compile(model, deployment, x)
     rep = dm.report["tuning"]
@@ -907,5 +904,5 @@ def _cmd_tune(args: Any) -> int:
             f"{rep.get('tasks_tuned', 0)} tuned now with {rep['trials']} trials in {rep.get('wall_s', 0)} s"
             f"{' (time budget spent)' if rep.get('stopped_by_time') else ''}; estimated kernel time "
             f"{rep.get('estimated_model_ms')} ms; database {rep['database']}")
-    _emit(args, rep, text)
+    emit(args, rep, text)
     return 0

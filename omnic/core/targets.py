@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from omnic.errors import UnknownDeviceError
+from omnic.core.errors import UnknownDeviceError
 
 #: Precisions omnic knows about. A device lists the subset it supports.
 ALL_PRECISIONS = ("fp32", "fp16", "int8")

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from omnic.ir import TracedModel
+from omnic.core.ir import TracedModel
 
 
 class Profile(dict):

@@ -36,9 +36,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from omnic.deployment import Deployment
-from omnic.errors import DeviceUnreachableError, MeasurementError, OmnicError
-from omnic.measure import MeasureConfig, Measurement, time_vm
+from omnic.core.deployment import Deployment
+from omnic.core.errors import (DeviceUnreachableError, LeaseTimeoutError, MeasurementError, OmnicError,
+                               ServerConnectError)
+from omnic.core.measure import MeasureConfig, Measurement, time_vm
 
 DEFAULT_TRACKER_PORT = 9190
 DEFAULT_SERVER_PORT = 9090
@@ -49,12 +50,6 @@ TRUSTED_NETWORK_WARNING = (
     "trusted network. Both bind to 127.0.0.1 unless --host is given.")
 
 
-class LeaseTimeoutError(DeviceUnreachableError):
-    """No server under the key became free at the tracker within the allowed wait."""
-
-
-class ServerConnectError(DeviceUnreachableError):
-    """The tracker leased a server that cannot be connected to (gone, or not routable from here)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,7 +97,7 @@ class TrackerClient:
 
     Speaks the tracker's own protocol through ``tvm.rpc.base`` (the same messages as
     ``tvm.rpc.TrackerSession``), but with socket timeouts, so an unreachable tracker or an empty
-    queue ends in :class:`~omnic.errors.DeviceUnreachableError` instead of a hang. One client
+    queue ends in :class:`~omnic.core.errors.DeviceUnreachableError` instead of a hang. One client
     per thread: a tracker connection answers one request at a time.
 
     Args:
@@ -396,7 +391,7 @@ class RemoteRuntime:
         return run_remote_vm(self._vm, [self.to_device(a) for a in arrays])
 
     def measure(self, arrays: Sequence[np.ndarray], config: MeasureConfig, device_name: str) -> Measurement:
-        """Time ``main`` on the device with the shared protocol (:func:`omnic.measure.time_vm`)."""
+        """Time ``main`` on the device with the shared protocol (:func:`omnic.core.measure.time_vm`)."""
         self._ensure()
         return time_vm(self._vm, self._dev, [self.to_device(a) for a in arrays], config, device_name=device_name)
 
@@ -742,7 +737,7 @@ def cmd_tracker(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from omnic.targets import get_device
+    from omnic.core.targets import get_device
 
     key = args.key or get_device(args.device).rpc_key
     tracker = parse_address(args.tracker)

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from omnic.winograd import DATA_TRANSFORM_RULE, INVERSE_TRANSFORM_RULE
+from omnic.compile.winograd import DATA_TRANSFORM_RULE, INVERSE_TRANSFORM_RULE
 
 #: the ``schedule_rule`` values TOPI puts on pooling blocks
 POOL_RULES = ("meta_schedule.pool_max", "meta_schedule.pool_avg",
               "meta_schedule.adaptive_pool_avg", "meta_schedule.adaptive_pool_max")
-#: the ``schedule_rule`` values of omnic's Winograd transform blocks (omnic.winograd)
+#: the ``schedule_rule`` values of omnic's Winograd transform blocks (omnic.compile.winograd)
 WINOGRAD_RULES = (DATA_TRANSFORM_RULE, INVERSE_TRANSFORM_RULE)
 #: target keys the rule is registered for (every LLVM CPU target carries "cpu")
 TARGET_KEYS = ("cpu",)
@@ -184,7 +184,7 @@ def _schedule_winograd_transform(sch: Any, block: Any, *, inline_padding: bool) 
 
 def _apply_transform(sch: Any, block: Any, *, lanes_cap: int, tiles_outer: bool, inline_padding: bool) -> bool:
     # the data padding is read in place; the inverse's producer is the GEMM's write cache, which
-    # must stay a block of its own (see omnic.winograd)
+    # must stay a block of its own (see omnic.compile.winograd)
     for producer in sch.get_producers(block) if inline_padding else ():
         if not _is_reduction(sch, producer):
             try:

@@ -5,8 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from omnic.errors import DeploymentError, UnsupportedPrecisionError
-from omnic.targets import DeviceSpec, get_device
+from omnic.core.errors import DeploymentError, UnsupportedPrecisionError
+from omnic.core.targets import DeviceSpec, get_device
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,6 +44,14 @@ class DeviceUnreachableError(OmnicError):
     """A device that cannot be measured from here (no tracker attached, tracker down, no server)."""
 
 
+class LeaseTimeoutError(DeviceUnreachableError):
+    """No server under the key became free at the tracker within the allowed wait."""
+
+
+class ServerConnectError(DeviceUnreachableError):
+    """The tracker leased a server that cannot be connected to (gone, or not routable from here)."""
+
+
 class MeasurementError(OmnicError):
     """A measurement that failed (timeout, crashed server) after all retries."""
 
@@ -66,3 +74,29 @@ class InfeasibleConstraintError(SearchError):
 
 class PassError(OmnicError):
     """An adaptation pass failed; names the pass and the passes that ran before it."""
+
+
+class TuningError(OmnicError):
+    """Tuning could not run (bad configuration, a database that cannot be read)."""
+
+
+class QuantizationError(OmnicError):
+    """int8 quantization cannot run: no usable calibration data, or an unsupported model source."""
+
+
+class PredictorError(OmnicError):
+    """A predictor that cannot be fitted, loaded or used (no samples, wrong schema, missing file)."""
+
+
+#: How much of an underlying exception's text an omnic error quotes: TVM's messages carry whole
+#: IR dumps and C++ stack traces, and the first lines say what went wrong.
+DESCRIBE_LIMIT = 800
+
+
+def describe(exc: BaseException, limit: int = DESCRIBE_LIMIT) -> str:
+    """One line-ish text for an exception that omnic wraps: ``"TypeName: message"``, cut to ``limit``
+    characters (with ``...`` where it was cut)."""
+    text = str(exc)
+    if len(text) > limit:
+        text = text[:limit].rstrip() + " ..."
+    return f"{type(exc).__name__}: {text}"

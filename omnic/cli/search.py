@@ -17,9 +17,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     import torch
 
     from omnic import nas
-    from omnic.cli import _deployment_from, load_model_spec, parse_shape
-    from omnic.errors import OmnicError
-    from omnic.search.data import DigitsCNN, DigitsResNet, accuracy_fn, digits_loaders, train_plain
+    from omnic.cli.common import deployment_from, load_model_spec, parse_shape
+    from omnic.core.errors import OmnicError
+    from omnic.examples.digits import DigitsCNN, DigitsResNet, accuracy_fn, digits_loaders, train_plain
 
     shape = parse_shape(args.input_shape)
     builtin = {"digits_resnet": DigitsResNet, "digits_cnn": DigitsCNN}
@@ -30,7 +30,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         model, x = load_model_spec(args.model, shape)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise OmnicError("omnic search needs a model taking (N, C, H, W) images (pass --input-shape)")
-    deployment = _deployment_from(args)
+    deployment = deployment_from(args)
     train, val = digits_loaders(size=int(x.shape[-1]), channels=int(x.shape[1]), seed=args.seed)
     torch.manual_seed(args.seed)
     if args.mode == "fastnas":
@@ -62,7 +62,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    from omnic.cli import add_model_args
+    from omnic.cli.common import add_model_args
 
     p = subparsers.add_parser("search", help="NAS: find the most accurate subnet under a measured latency budget")
     add_model_args(p)

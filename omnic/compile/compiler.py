@@ -1,7 +1,7 @@
 """The TVM boundary: lower a traced model to Relax, prepare it for a device, build it.
 
 TVM's API churn (``tir`` -> ``s_tir``, string targets -> dicts) is confined to this module,
-:mod:`omnic.tuning` and :mod:`omnic.rpc`. Recipe and pitfalls: ``shared/TVM_NOTES.md``.
+:mod:`omnic.compile.tuning` and :mod:`omnic.remote.rpc`. Recipe and pitfalls: ``shared/TVM_NOTES.md``.
 """
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from typing import Any
 
 import torch
 
-from omnic.errors import CompileError, TraceError, UnsupportedOperatorError
-from omnic.ir import TracedModel
-from omnic.targets import DeviceSpec
+from omnic.core.errors import CompileError, TraceError, UnsupportedOperatorError
+from omnic.core.ir import TracedModel
+from omnic.core.targets import DeviceSpec
 
 #: Bumped whenever lowering changes what a model compiles to (and so its latency): stored
 #: measurements of an older revision are not returned as if they were of the current one.
 #: 2: int8 VNNI packing pads channels; depthwise convs follow ``DeviceSpec.int8_depthwise``.
 #: 3: int8 convs are packed for the AArch64 sdot too.
 #: 4: tuning records are shared by kernels with the same anchor op (tuning.MODULE_EQUALITY).
-#: 5: CPU kernels realign their stack frames (omnic.stack_align), in the tuner's builds too.
+#: 5: CPU kernels realign their stack frames (omnic.compile.stack_align), in the tuner's builds too.
 #: 6: constants reach the kernels directly, not through a tuple the VM builds per call.
-#: 7: tuned CPU fp32 builds run 3x3 stride-1 convs as Winograd (omnic.winograd).
+#: 7: tuned CPU fp32 builds run 3x3 stride-1 convs as Winograd (omnic.compile.winograd).
 #: 8: NHWC depthwise convs are tuned in omnic's own design space (schedule_rules.DEPTHWISE_RULE).
 PIPELINE_REVISION = 8
 
@@ -200,14 +200,14 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
     legalize + fuse ("zero" pipeline), layout-free weight attributes (so tuned kernels may
     re-lay out weights, folded at compile time). GPU: the same without the layout change.
 
-    int8: conv2d/matmul become integer kernels (:func:`omnic.quantize.quantize_relax`) with the
-    scales of ``quantization`` (an :class:`omnic.quantize.Calibration`); without one, a fixed
+    int8: conv2d/matmul become integer kernels (:func:`omnic.compile.quantize.quantize_relax`) with the
+    scales of ``quantization`` (an :class:`omnic.compile.quantize.Calibration`); without one, a fixed
     activation scale is used, which gives the right kernels for latency but meaningless outputs
     (``engine.compile`` always calibrates). ``quant_report``, when given, receives the rewrite's
     report (which ops run in integer).
 
     ``winograd`` (CPU, fp32): 3x3 stride-1 convs with enough output tiles run as Winograd
-    (:mod:`omnic.winograd`). ``engine.compile`` asks for it when the build applies a tuning
+    (:mod:`omnic.compile.winograd`). ``engine.compile`` asks for it when the build applies a tuning
     database, so that tuned builds get it and untuned ones (what the latency predictor models)
     keep the direct convolutions.
     """
@@ -221,7 +221,7 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
             mod = relax.transform.FoldConstant()(mod)
         mod = _clip_to_min_max()(mod)
         if precision == "int8":
-            from omnic.quantize import quantize_relax
+            from omnic.compile.quantize import quantize_relax
 
             mod, q_report = quantize_relax(mod, quantization, int8_depthwise=spec.int8_depthwise)
             if quant_report is not None:
@@ -232,31 +232,31 @@ def prepare(mod, spec: DeviceSpec, target, precision: str = "fp32", *, quantizat
             mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
             mod = fold_numpy(mod)
             if precision == "int8" and spec.int_dot_product:
-                from omnic.quantize import DOT_PRODUCT_PACKINGS, pack_dot_product
+                from omnic.compile.quantize import DOT_PRODUCT_PACKINGS, pack_dot_product
 
                 mod, n_packed = pack_dot_product(mod, spec.int_dot_product)
                 if quant_report is not None:
                     quant_report["dot_product"] = DOT_PRODUCT_PACKINGS[spec.int_dot_product].instruction
                     quant_report["dot_product_packed_convs"] = n_packed
             if precision == "fp32" and winograd:
-                from omnic.winograd import rewrite_convs
+                from omnic.compile.winograd import rewrite_convs
 
                 mod, _ = rewrite_convs(mod)
         with target:
             mod = relax.transform.FoldConstant()(mod)
             mod = relax.get_pipeline("zero")(mod)
             if spec.kind == "cpu" and precision == "fp32" and winograd:
-                from omnic.winograd import tag_fused_kernels
+                from omnic.compile.winograd import tag_fused_kernels
 
                 mod = tag_fused_kernels(mod)
             if spec.kind == "cpu" and precision == "fp32":
-                from omnic.schedule_rules import tag_depthwise_kernels
+                from omnic.compile.rules import tag_depthwise_kernels
 
                 mod = tag_depthwise_kernels(mod)
             if spec.kind == "cpu":
                 mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
                 if precision == "int8":
-                    from omnic.quantize import strip_layout_free
+                    from omnic.compile.quantize import strip_layout_free
 
                     mod = strip_layout_free(mod)
     except Exception as exc:
@@ -294,7 +294,7 @@ def build(mod_prepared, spec: DeviceSpec, target, database=None):
         # 394 VM calls per run): pass the constants to the kernels directly. A VM call costs
         # ~0.2 us, so this is < 1 % of a run, within this VM's noise in A/B rounds.
         mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
-        from omnic.stack_align import pipeline_for
+        from omnic.compile.stack_align import pipeline_for
 
         executable = tvm.compile(mod, target, tir_pipeline=pipeline_for(target))
     except Exception as exc:

@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from omnic.deployment import Deployment
-from omnic.errors import ArtifactError, DeviceUnreachableError, InputShapeError
-from omnic.measure import MeasureConfig, Measurement, time_vm
+from omnic.core.deployment import Deployment
+from omnic.core.errors import ArtifactError, DeviceUnreachableError, InputShapeError
+from omnic.core.measure import MeasureConfig, Measurement, time_vm
 
 ARTIFACT_VERSION = 1
 
@@ -113,7 +113,7 @@ class DeviceModel:
     def runtime(self):
         if self._runtime is None:
             if self.deployment.is_remote:
-                from omnic import rpc
+                from omnic.remote import rpc
 
                 self._runtime = rpc.RemoteRuntime(self.executable, self.deployment, module=self.module)
             elif self.deployment.spec.local:
@@ -188,7 +188,7 @@ class DeviceModel:
         import tvm
 
         from omnic import __version__
-        from omnic.compiler import device_source
+        from omnic.compile.compiler import device_source
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ Step 2 is an ordinary batched GEMM that MetaSchedule tunes like any other. Steps
 written out as explicit sparse sums (the transform matrices are mostly 0 and +-1), selected by
 tile position, so that once a schedule unrolls the tile loops each element is a handful of adds;
 TVM registers CPU schedules for neither TOPI's winograd transforms nor these, so
-:mod:`omnic.schedule_rules` carries one (``_schedule_winograd_transform``).
+:mod:`omnic.compile.rules` carries one (``_schedule_winograd_transform``).
 
 ONNX Runtime's CPU convolutions (MLAS) are direct/GEMM ones, so this is where a compiler can
 pass it on compute-bound networks such as ResNet-18. It pays only where the output has enough tiles:
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-#: ``schedule_rule`` annotations of the two transform blocks (see omnic.schedule_rules)
+#: ``schedule_rule`` annotations of the two transform blocks (see omnic.compile.rules)
 DATA_TRANSFORM_RULE = "omnic.winograd_data_transform"
 INVERSE_TRANSFORM_RULE = "omnic.winograd_inverse_transform"
 #: the output tile edge used for large outputs, and the one for small ones
@@ -321,7 +321,7 @@ def tag_fused_kernels(mod: Any) -> Any:
     import tvm
     from tvm import s_tir
 
-    from omnic.schedule_rules import mark_own_task  # schedule_rules imports this module
+    from omnic.compile.rules import mark_own_task  # schedule_rules imports this module
 
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or not _has_block(func, "winograd_gemm"):
@@ -349,7 +349,7 @@ def wanted(deployment: Any, database_dir: Any) -> bool:
     import json
     from pathlib import Path
 
-    from omnic.tuning import LEDGER
+    from omnic.compile.tuning import LEDGER
 
     if (deployment.tuning_time_s or 0) >= MIN_TUNING_S or deployment.tuning_trials >= MIN_TUNING_TRIALS:
         return True

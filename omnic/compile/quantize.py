@@ -2,7 +2,7 @@
 
 The flow (``engine.compile(model, {"precision": "int8"}, x, calibration=batches)``):
 
-1. :func:`calibrate` runs the fp32 model (BN folded, exactly as :func:`omnic.compiler.lower`
+1. :func:`calibrate` runs the fp32 model (BN folded, exactly as :func:`omnic.compile.compiler.lower`
    exports it) over the calibration batches with an fx ``Interpreter`` that observes the input
    of every conv2d and linear layer (min/max, and a per-batch percentile of ``|x|``). Observers
    are written on the fx graph rather than through torchao's PT2E flow: torch 2.13 no longer ships
@@ -38,14 +38,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from omnic.errors import OmnicError
+from omnic.core.errors import QuantizationError
 
 CALIBRATION_METHODS = ("minmax", "percentile")
 DEPTHWISE_CHOICES = ("auto", "int8", "fp32")
 
-
-class QuantizationError(OmnicError):
-    """int8 quantization cannot run: no usable calibration data, or an unsupported model source."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,7 +272,7 @@ def calibrate(traced: Any, calibration: Any, config: QuantConfig | None = None, 
     """Observe the conv2d/linear inputs of ``traced`` on the calibration data.
 
     Args:
-        traced: An :class:`omnic.ir.TracedModel` with an fx graph (PyTorch models).
+        traced: An :class:`omnic.core.ir.TracedModel` with an fx graph (PyTorch models).
         calibration: A tensor (one batch), a DataLoader, or an iterable of batches (tensors, or
             tuples whose first items are the inputs, e.g. ``(images, labels)``).
         config: Quantization settings.
@@ -754,7 +751,7 @@ def strip_layout_free(mod: Any) -> Any:
 
 def register_vnni_intrinsic() -> None:
     """Make MetaSchedule's ``dot_16x4_vnni`` build with the bundled LLVM 22 (see
-    :func:`omnic.precision.vnni.register_vnni_intrinsic`)."""
-    from omnic.precision.vnni import register_vnni_intrinsic as register
+    :func:`omnic.compile.vnni.register_vnni_intrinsic`)."""
+    from omnic.compile.vnni import register_vnni_intrinsic as register
 
     register()

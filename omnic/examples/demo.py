@@ -69,7 +69,7 @@ class _Steps:
 
 
 def _eager_and_ort(model: Any, x: Any, threads: int) -> dict[str, float]:
-    from omnic.baselines import onnxruntime_ms, torch_eager_ms
+    from omnic.examples.baselines import onnxruntime_ms, torch_eager_ms
 
     return {"pytorch_eager_ms": torch_eager_ms(model, x, threads, min_time_s=0.5, min_calls=20),
             "onnxruntime_ms": onnxruntime_ms(model, x, threads, min_time_s=0.5, min_calls=20)}
@@ -88,10 +88,10 @@ def run_demo(config: DemoConfig = DemoConfig(), *, say: Callable[[str], None] = 
     import torch
 
     from omnic import engine, nas
-    from omnic.cache import cache_root
-    from omnic.deployment import Deployment
+    from omnic.core.cache import cache_root
+    from omnic.core.deployment import Deployment
     from omnic.oracle import default_oracle
-    from omnic.search.data import DigitsResNet, accuracy, digits_loaders, train_plain
+    from omnic.examples.digits import DigitsResNet, accuracy, digits_loaders, train_plain
 
     t_start = time.perf_counter()
     out = Path(config.out_dir)

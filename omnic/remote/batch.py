@@ -27,9 +27,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from omnic.deployment import Deployment
-from omnic.errors import DeviceUnreachableError
-from omnic.measure import MeasureConfig, Measurement, time_vm
+from omnic.core.deployment import Deployment
+from omnic.core.errors import DeviceUnreachableError
+from omnic.core.measure import MeasureConfig, Measurement, time_vm
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +80,7 @@ def measure_on_server(session: Any, library: Path, deployment: Deployment, input
 
     ``server`` (``"host:port"``) only labels the call (tests inject faults by it).
     """
-    from omnic import rpc
+    from omnic.remote import rpc
 
     vm, dev, _ = rpc.load_remote_vm(session, library, deployment)
     rng = np.random.default_rng(0)
@@ -190,7 +190,7 @@ class FarmBatch:
             self._cond.notify_all()
 
     def _work(self, wid: int) -> None:
-        from omnic import rpc
+        from omnic.remote import rpc
 
         b = self.batch
         client: rpc.TrackerClient | None = None
@@ -327,7 +327,7 @@ class FarmBatch:
 
 def count_servers(deployment: Deployment, batch: BatchConfig) -> int:
     """Servers registered under the deployment's key (raises if the tracker is unreachable)."""
-    from omnic import rpc
+    from omnic.remote import rpc
 
     with rpc.connect_tracker(deployment.tracker, timeout_s=batch.connect_timeout_s) as client:
         return len(client.servers(deployment.rpc_key))

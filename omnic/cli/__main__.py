@@ -1,0 +1,5 @@
+import sys
+
+from omnic.cli.app import main
+
+sys.exit(main())
