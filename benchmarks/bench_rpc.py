@@ -25,11 +25,13 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from omnic import engine, rpc  # noqa: E402
+from omnic import engine  # noqa: E402
 from omnic.core.deployment import Deployment  # noqa: E402
 from omnic.core.measure import MeasureConfig  # noqa: E402
 from omnic.oracle import LatencyStore, Oracle  # noqa: E402
 from omnic.remote.batch import BatchConfig, FarmBatch  # noqa: E402
+from omnic.remote.farm import LocalFarm  # noqa: E402
+from omnic.remote.session import export_for_upload  # noqa: E402
 
 
 class Candidate(nn.Module):
@@ -51,7 +53,7 @@ def candidates(n: int) -> list[nn.Module]:
 def run(n_servers: int, n_candidates: int, config: MeasureConfig) -> dict:
     x = torch.randn(1, 3, 32, 32)
     models = candidates(n_candidates)
-    with rpc.LocalFarm(servers=n_servers, threads=1) as farm, tempfile.TemporaryDirectory() as tmp:
+    with LocalFarm(servers=n_servers, threads=1) as farm, tempfile.TemporaryDirectory() as tmp:
         dep = {"device": "host", "tracker": farm.address}
         oracle = Oracle(LatencyStore(Path(tmp) / "e2e.sqlite"), config)
         t0 = time.perf_counter()
@@ -64,7 +66,7 @@ def run(n_servers: int, n_candidates: int, config: MeasureConfig) -> dict:
         libs = []
         for m in models:
             dm = engine.compile(m, deployment, x, check=False, progress=False)
-            libs.append((rpc.export_for_upload(dm.executable, deployment, tmp), dm.input_shapes, dm.input_dtypes))
+            libs.append((export_for_upload(dm.executable, deployment, tmp), dm.input_shapes, dm.input_dtypes))
         done = []
         batch = FarmBatch(deployment, len(libs), prepare=lambda i: libs[i],
                           on_result=lambda i, m, extra: done.append((m.ok, extra.get("server"))),

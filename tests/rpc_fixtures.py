@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from omnic.remote.rpc import LocalFarm
+from omnic.remote.farm import LocalFarm
 
 FARM_KEY = "host"
 

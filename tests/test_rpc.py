@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from omnic import engine
-from omnic.remote import rpc
 from omnic.compile.runtime import LocalRuntime
 from omnic.core.errors import DeviceUnreachableError
 from omnic.core.measure import MeasureConfig
 from omnic.oracle import LatencyStore, Oracle
+from omnic.remote import runner as rpc_runner
 from omnic.remote.batch import BatchConfig
+from omnic.remote.farm import free_port
+from omnic.remote.tracker import TrackerClient, connect_tracker
 
 from tests.rpc_fixtures import FARM_KEY, rpc_farm, rpc_farm_module  # noqa: F401  (fixtures)
 
@@ -216,16 +218,16 @@ def test_a_candidate_past_its_timeout_is_marked_failed_and_the_batch_goes_on(rpc
 
 @pytest.mark.parametrize("address", ["127.0.0.1:{free}", "10.255.255.1:9190"])
 def test_unreachable_tracker_is_a_clear_error_within_a_bounded_time(address, tmp_path):
-    address = address.format(free=rpc.free_port())
+    address = address.format(free=free_port())
     deployment = {"device": "host", "tracker": address}
     t0 = time.monotonic()
     with pytest.raises(DeviceUnreachableError, match=address.replace(".", r"\.")):
-        rpc.connect_tracker(address, timeout_s=2.0)
+        connect_tracker(address, timeout_s=2.0)
     with pytest.raises(DeviceUnreachableError, match=address.replace(".", r"\.")):
         Oracle(LatencyStore(tmp_path / "lat.sqlite")).measure_many(
             [_model(4)], deployment, X, batch=BatchConfig(connect_timeout_s=2.0))
     with pytest.raises(DeviceUnreachableError, match=address.replace(".", r"\.")):
-        rpc.make_rpc_runner(deployment, connect_timeout_s=2.0)
+        rpc_runner.make_rpc_runner(deployment, connect_timeout_s=2.0)
     assert time.monotonic() - t0 < 15.0
 
     if address.startswith("10."):
@@ -247,7 +249,7 @@ def test_cli_binds_loopback_by_default_and_warns_about_uploaded_code():
 
 
 def test_lease_timeout_names_the_key(rpc_farm):
-    with rpc.TrackerClient(rpc_farm.address) as client:
+    with TrackerClient(rpc_farm.address) as client:
         t0 = time.monotonic()
         with pytest.raises(omnic.LeaseTimeoutError, match="no-such-board"):
             client.request("no-such-board", wait_s=1.0)
@@ -273,14 +275,14 @@ def test_rpc_runner_tunes_on_the_device(rpc_farm, tmp_path):
             return self.fc(x)
 
     deployment = Deployment.coerce(_deployment(rpc_farm, threads=1))
-    runner = rpc.make_rpc_runner(deployment)
+    runner = rpc_runner.make_rpc_runner(deployment)
     assert isinstance(runner, ms.runner.RPCRunner)
 
     traced = engine.trace(MatMul().eval(), torch.randn(2, 32))
     target = deployment.spec.tvm_target(num_threads=1)
     prepared = compiler.prepare(compiler.lower(traced), deployment.spec, target, "fp32")
     made = []
-    real_make = rpc.make_rpc_runner
+    real_make = rpc_runner.make_rpc_runner
 
     def spy(*args, **kwargs):
         made.append(args[0])
@@ -288,7 +290,7 @@ def test_rpc_runner_tunes_on_the_device(rpc_farm, tmp_path):
 
     import unittest.mock
 
-    with unittest.mock.patch.object(rpc, "make_rpc_runner", spy):
+    with unittest.mock.patch.object(rpc_runner, "make_rpc_runner", spy):
         db, report = tuning.tune(prepared, deployment, target, trials=4, progress=False,
                                  database_path=tmp_path / "db",
                                  config=tuning.TuningConfig(trials_per_iter=4, cost_model="random",
@@ -299,3 +301,20 @@ def test_rpc_runner_tunes_on_the_device(rpc_farm, tmp_path):
     secs = [float(s) for r in records for s in (r.run_secs or [])]
     # Timed on the device: a failed run is recorded as 1e10 s.
     assert secs and all(0 < s < 1.0 for s in secs), secs
+
+
+def test_one_address_parser_for_deployments_and_the_tracker_client():
+    from omnic.core.address import parse_address
+    from omnic.core.deployment import Deployment
+    from omnic.core.errors import DeploymentError
+
+    assert parse_address("127.0.0.1:9190") == ("127.0.0.1", 9190)
+    assert parse_address(("board", 9090)) == ("board", 9090)
+    assert parse_address("::1:9190") == ("::1", 9190)  # the port follows the last colon
+    for bad in ("no-port", ":9190", "host:", "host:port"):
+        with pytest.raises(DeploymentError, match="HOST:PORT"):
+            parse_address(bad)
+        with pytest.raises(DeploymentError, match="HOST:PORT"):
+            Deployment(device="host", tracker=bad)
+        with pytest.raises(DeploymentError, match="HOST:PORT"):
+            TrackerClient(bad)  # before any connection is tried

@@ -238,7 +238,7 @@ def test_gpu_device_compiles_with_tuning_requested(fresh_cache):
 
 
 def test_remote_deployment_uses_the_rpc_runner(monkeypatch, fresh_cache):
-    import omnic.remote.rpc
+    import omnic.remote.runner
 
     calls = []
 
@@ -249,7 +249,7 @@ def test_remote_deployment_uses_the_rpc_runner(monkeypatch, fresh_cache):
         calls.append((deployment.device, evaluator_config))
         raise Stop
 
-    monkeypatch.setattr(omnic.remote.rpc, "make_rpc_runner", fake)
+    monkeypatch.setattr(omnic.remote.runner, "make_rpc_runner", fake)
     d = Deployment(device="host", tracker="127.0.0.1:9", tuning_trials=4)
     with tuning.using(FAST), pytest.raises(Stop):
         engine.compile(make(), d, X, check=False, progress=False)

@@ -15,7 +15,7 @@ from omnic.core.errors import OmnicError
 
 # One module per command family; each has register_cli(subparsers). Keep one name per line.
 _PLUGINS = (
-    "omnic.remote.rpc",
+    "omnic.cli.remote",
     "omnic.oracle.predictor",
     "omnic.passes.adapt",
     "omnic.cli.search",
@@ -26,9 +26,9 @@ _PLUGINS = (
 
 def cmd_devices(args: argparse.Namespace) -> int:
     if getattr(args, "tracker", None):
-        from omnic.remote import rpc
+        from omnic.cli.remote import cli_devices
 
-        return rpc.cli_devices(args)
+        return cli_devices(args)
     from omnic.core.targets import DEVICES
 
     rows = [d.summary() for d in DEVICES.values()]

@@ -113,9 +113,9 @@ class DeviceModel:
     def runtime(self):
         if self._runtime is None:
             if self.deployment.is_remote:
-                from omnic.remote import rpc
+                from omnic.remote.session import RemoteRuntime
 
-                self._runtime = rpc.RemoteRuntime(self.executable, self.deployment, module=self.module)
+                self._runtime = RemoteRuntime(self.executable, self.deployment, module=self.module)
             elif self.deployment.spec.local:
                 self._runtime = LocalRuntime(self.executable)
             else:

@@ -496,7 +496,7 @@ def _make_runner(deployment: Deployment, config: TuningConfig, runner: Any) -> A
     if runner is not None:
         return runner
     if deployment.is_remote:
-        from omnic.remote.rpc import make_rpc_runner  # lazy: RPC is only needed for remote devices
+        from omnic.remote.runner import make_rpc_runner  # lazy: RPC is only needed for remote devices
 
         return make_rpc_runner(deployment, evaluator)
     return ms.runner.LocalRunner(evaluator_config=evaluator)

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from omnic.core.address import parse_address
 from omnic.core.errors import DeploymentError, UnsupportedPrecisionError
 from omnic.core.targets import DeviceSpec, get_device
 
@@ -54,7 +55,7 @@ class Deployment:
             raise DeploymentError(
                 f"tuning_trials must be an integer >= 0 (0 = no tuning), got {self.tuning_trials!r}")
         if self.tracker is not None:
-            _parse_address(self.tracker)
+            parse_address(str(self.tracker))  # text only (a tuple fails): to_dict() writes it as it is
 
     @property
     def spec(self) -> DeviceSpec:
@@ -69,7 +70,7 @@ class Deployment:
     @property
     def tracker_address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the tracker, or None."""
-        return None if self.tracker is None else _parse_address(self.tracker)
+        return None if self.tracker is None else parse_address(self.tracker)
 
     @property
     def is_remote(self) -> bool:
@@ -124,9 +125,3 @@ class Deployment:
         raise DeploymentError(
             f"deployment must be an omnic.Deployment, a dict or a device name, got {type(value).__name__}")
 
-
-def _parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = str(address).rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise DeploymentError(f"tracker address must look like HOST:PORT (e.g. 127.0.0.1:9190), got {address!r}")
-    return host, int(port)

@@ -116,9 +116,9 @@ class Oracle:
                 (raised before anything is measured).
         """
         from omnic import engine
-        from omnic.remote import rpc
         from omnic.core.errors import DeviceUnreachableError
         from omnic.remote.batch import BatchConfig, FarmBatch, count_servers
+        from omnic.remote.session import export_for_upload
 
         deployment = Deployment.coerce(deployment)
         cfg = config or self.config
@@ -156,7 +156,7 @@ class Oracle:
         with tempfile.TemporaryDirectory(prefix="omnic-batch-") as tmp:
             def prepare(j: int):
                 dm = engine.compile(traced[todo[j][1][0]], deployment, check=False, progress=False)
-                return rpc.export_for_upload(dm.executable, deployment, tmp), dm.input_shapes, dm.input_dtypes
+                return export_for_upload(dm.executable, deployment, tmp), dm.input_shapes, dm.input_dtypes
 
             def store(j: int, m: Measurement, extra: dict[str, Any]) -> None:
                 key, indices = todo[j]

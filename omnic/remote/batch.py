@@ -28,8 +28,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from omnic.core.deployment import Deployment
-from omnic.core.errors import DeviceUnreachableError
+from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError, ServerConnectError, describe
 from omnic.core.measure import MeasureConfig, Measurement, time_vm
+from omnic.remote.session import load_remote_vm, random_tensors
+from omnic.remote.tracker import RpcConfig, TrackerClient, connect_tracker
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,12 +82,8 @@ def measure_on_server(session: Any, library: Path, deployment: Deployment, input
 
     ``server`` (``"host:port"``) only labels the call (tests inject faults by it).
     """
-    from omnic.remote import rpc
-
-    vm, dev, _ = rpc.load_remote_vm(session, library, deployment)
-    rng = np.random.default_rng(0)
-    inputs = [rpc._remote_tensor(rng.standard_normal(s).astype(d) if "float" in d else np.zeros(s, d), dev)
-              for s, d in zip(input_shapes, input_dtypes)]
+    vm, dev, _ = load_remote_vm(session, library, deployment)
+    inputs = random_tensors(list(zip(input_shapes, input_dtypes)), dev, np.random.default_rng(0))
     return time_vm(vm, dev, inputs, config, device_name=deployment.device)
 
 
@@ -153,7 +151,7 @@ class FarmBatch:
             try:
                 library, shapes, dtypes = self.prepare(job.index)
             except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is data
-                self._fail(job, f"{type(exc).__name__}: {str(exc)[:800]}", stage="compile")
+                self._fail(job, describe(exc), stage="compile")
                 continue
             with self._cond:
                 job.library = library
@@ -190,10 +188,8 @@ class FarmBatch:
             self._cond.notify_all()
 
     def _work(self, wid: int) -> None:
-        from omnic.remote import rpc
-
         b = self.batch
-        client: rpc.TrackerClient | None = None
+        client: TrackerClient | None = None
         try:
             while True:
                 job = self._take(wid)
@@ -201,15 +197,15 @@ class FarmBatch:
                     return
                 try:
                     if client is None:
-                        client = rpc.TrackerClient(self.deployment.tracker, rpc.RpcConfig(
+                        client = TrackerClient(self.deployment.tracker, RpcConfig(
                             connect_timeout_s=b.connect_timeout_s, lease_timeout_s=b.lease_timeout_s))
                     session, server = client.request(self.deployment.rpc_key, session_timeout_s=b.timeout_s,
                                                      wait_s=b.lease_timeout_s)
-                except rpc.LeaseTimeoutError as exc:
+                except LeaseTimeoutError as exc:
                     self._requeue(job, 0.0)
                     self._retire(wid, str(exc))
                     return
-                except rpc.ServerConnectError as exc:  # a server that died between lease and connect
+                except ServerConnectError as exc:  # a server that died between lease and connect
                     self._retry_or_fail(job, f"connect: {exc}")
                     continue
                 except DeviceUnreachableError as exc:
@@ -219,7 +215,7 @@ class FarmBatch:
                     self._retry_or_fail(job, f"lease: {exc}")
                     continue
                 except Exception as exc:  # noqa: BLE001 - anything else on the way to a session
-                    self._retry_or_fail(job, f"lease: {type(exc).__name__}: {str(exc)[:300]}")
+                    self._retry_or_fail(job, f"lease: {describe(exc, limit=300)}")
                     continue
                 started = time.monotonic()
                 with self._cond:
@@ -233,7 +229,7 @@ class FarmBatch:
                                           server=server)
                 except Exception as exc:  # noqa: BLE001 - classified below
                     elapsed = time.monotonic() - started
-                    text = f"{type(exc).__name__}: {str(exc)[:400]}"
+                    text = describe(exc, limit=400)
                     if "RPCSessionTimeoutError" in text or elapsed >= b.timeout_s:
                         with self._cond:
                             self.stats["timeouts"] += 1
@@ -327,8 +323,6 @@ class FarmBatch:
 
 def count_servers(deployment: Deployment, batch: BatchConfig) -> int:
     """Servers registered under the deployment's key (raises if the tracker is unreachable)."""
-    from omnic.remote import rpc
-
-    with rpc.connect_tracker(deployment.tracker, timeout_s=batch.connect_timeout_s) as client:
+    with connect_tracker(deployment.tracker, timeout_s=batch.connect_timeout_s) as client:
         return len(client.servers(deployment.rpc_key))
 
