@@ -5,17 +5,15 @@ remote results can be checked against local ones and against PyTorch.
 """
 from __future__ import annotations
 
-
 import threading
 import time
 
 import numpy as np
 import pytest
-
-import omnic
 import torch
 from torch import nn
 
+import omnic
 from omnic import engine
 from omnic.compile.runtime import LocalRuntime
 from omnic.core.errors import DeviceUnreachableError
@@ -25,7 +23,6 @@ from omnic.remote import runner as rpc_runner
 from omnic.remote.batch import BatchConfig
 from omnic.remote.farm import free_port
 from omnic.remote.tracker import TrackerClient, connect_tracker
-
 from tests.rpc_fixtures import FARM_KEY, rpc_farm, rpc_farm_module  # noqa: F401  (fixtures)
 
 # Short measurements: these tests check plumbing and fault handling, not the numbers.
@@ -262,8 +259,7 @@ def test_rpc_runner_tunes_on_the_device(rpc_farm, tmp_path):
     """omnic.compile.tuning.tune on a remote deployment measures its candidates through make_rpc_runner."""
     from tvm.s_tir import meta_schedule as ms
 
-    from omnic.compile import compiler
-    from omnic.compile import tuning
+    from omnic.compile import compiler, tuning
     from omnic.core.deployment import Deployment
 
     class MatMul(nn.Module):

@@ -24,8 +24,7 @@ from tvm import rpc
 from tvm.rpc import base
 
 from omnic.core.address import parse_address
-from omnic.core.errors import (DeviceUnreachableError, LeaseTimeoutError, OmnicError, ServerConnectError,
-                               describe)
+from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError, OmnicError, ServerConnectError, describe
 
 
 @dataclass(frozen=True, kw_only=True)
