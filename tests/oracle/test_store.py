@@ -27,10 +27,12 @@ def small():
 
 _LOOKUP_CHILD = _MODEL + """
 import json, sys
+from omnic import engine
 from omnic.core.measure import MeasureConfig
 from omnic.oracle import Oracle
 from omnic.oracle.store import LatencyStore
-oracle = Oracle(LatencyStore(sys.argv[1]), MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1))
+oracle = Oracle(LatencyStore(sys.argv[1]), MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1),
+                compile_fn=engine.compile)
 m = oracle.measure(small(), {"device": "host", "threads": 1}, torch.randn(1, 3, 16, 16))
 print(json.dumps({"median_ms": m.median_ms, "cached": m.cached, "fresh": oracle.fresh_measurements}))
 """
@@ -63,7 +65,7 @@ def test_a_measurement_is_looked_up_here_and_in_another_process(tmp_path, fresh_
     assert compiled.report["max_rel_error"] < 1e-4  # what the oracle times computes what torch does
 
     path = tmp_path / "latency.sqlite"
-    oracle = Oracle(LatencyStore(path), QUICK)
+    oracle = Oracle(LatencyStore(path), QUICK, compile_fn=engine.compile)
     first = oracle.measure(model, deployment, x)
     assert first.ok and not first.cached and oracle.fresh_measurements == 1
     again = oracle.measure(_small(), deployment, x)  # same structure, other weights: same latency
@@ -98,7 +100,7 @@ def test_two_writer_processes_lose_nothing(tmp_path):
 def test_host_latencies_are_kept_per_cpu(tmp_path):
     traced = trace(_small(), torch.randn(1, 3, 16, 16))
     deployment = Deployment(device="host")
-    oracle = Oracle(LatencyStore(tmp_path / "latency.sqlite"))
+    oracle = Oracle(LatencyStore(tmp_path / "latency.sqlite"), compile_fn=engine.compile)
     key = oracle.key(traced, deployment)
     here = f"cpu={host_cpu_name()}"
     assert here in key.context
