@@ -300,20 +300,20 @@ def section_predictor(args: argparse.Namespace, out: Path) -> dict:
     fit = P.collect(P.fit_variants(args.predictor_fit), "host", log=log, sessions=sessions)
     held = P.collect(P.eval_variants(args.predictor_eval, args.predictor_fit), "host", log=log, sessions=sessions)
     t = time.perf_counter()
-    pred = P.LatencyPredictor("host").fit(fit)
+    pred = P.KernelLatencyPredictor("host").fit(fit)
     fit_s = time.perf_counter() - t
     ev = pred.evaluate(held)
     nets = [s["kernels"] for s in held]
     t, reps = time.perf_counter(), 0
     while time.perf_counter() - t < 1.0:
-        pred._memo.clear()
+        pred.forget_kernels()
         pred.predict_many(nets)
         reps += 1
     floor = P.accuracy([s["e2e_early_ms"] for s in held], [s["e2e_again_ms"] for s in held])
     # against one oracle call instead of the fastest of the sample's measurements
     single = P.accuracy([s["e2e_first_ms"] for s in held], [pred.predict_features(s["kernels"]) for s in held])
     # the same regressor against the contention-free target: the sum of in-graph kernel times
-    kernel_sum = P.LatencyPredictor("host", target="kernel_sum_ms").fit(fit).evaluate(held)
+    kernel_sum = P.KernelLatencyPredictor("host", target="kernel_sum_ms").fit(fit).evaluate(held)
     return {"fit_networks": len(fit), "held_out_networks": len(held), "target": pred.target,
             "kernel_sum_within_10": kernel_sum.within_10, "kernel_sum_mape": kernel_sum.mape,
             "within_10": ev.within_10, "rmse_ms": ev.rmse_ms, "mape": ev.mape, "median_ape": ev.median_ape,
