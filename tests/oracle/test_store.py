@@ -112,3 +112,29 @@ def test_host_latencies_are_kept_per_cpu(tmp_path):
     assert oracle.lookup(traced, deployment).median_ms == 2.0
     # devices with a fixed target are the same CPU wherever omnic runs: no host CPU in their key
     assert "cpu=" not in oracle.key(traced, Deployment(device="rasp4b")).context
+
+
+def test_the_injected_compiler_decides_what_a_failure_is(tmp_path):
+    """A failing candidate is recorded; a device that cannot be reached is raised, unrecorded."""
+    import pytest
+
+    from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError
+
+    traced = trace(_small(), torch.randn(1, 3, 16, 16))
+
+    def failing(exc: Exception):
+        def compile_fn(*_args, **_kwargs):
+            raise exc
+        return compile_fn
+
+    store = LatencyStore(tmp_path / "latency.sqlite")
+    bad = Oracle(store, QUICK, compile_fn=failing(ValueError("no kernel for this op")))
+    m = bad.measure(traced, "host")
+    assert not m.ok and m.error == "ValueError: no kernel for this op" and bad.fresh_measurements == 1
+    # a lease that timed out belongs to this candidate's measurement: recorded like any failure
+    lease = Oracle(store, QUICK, compile_fn=failing(LeaseTimeoutError("no server became free")))
+    assert lease.measure(traced, "host").error == "LeaseTimeoutError: no server became free"
+    gone = Oracle(store, QUICK, compile_fn=failing(DeviceUnreachableError("tracker down")))
+    with pytest.raises(DeviceUnreachableError, match="tracker down"):
+        gone.measure(traced, "host")
+    assert gone.fresh_measurements == 0

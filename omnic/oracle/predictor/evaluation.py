@@ -9,6 +9,7 @@ import numpy as np
 from omnic.core.errors import PredictorError
 
 
+@dataclass(frozen=True, kw_only=True)
 class Evaluation:
     """Accuracy of network-latency predictions against measurements.
 
