@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from omnic import Deployment, engine
+from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError
 from omnic.core.ir import trace
 from omnic.core.measure import MeasureConfig, Measurement
 from omnic.oracle import Oracle
@@ -116,10 +118,6 @@ def test_host_latencies_are_kept_per_cpu(tmp_path):
 
 def test_the_injected_compiler_decides_what_a_failure_is(tmp_path):
     """A failing candidate is recorded; a device that cannot be reached is raised, unrecorded."""
-    import pytest
-
-    from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError
-
     traced = trace(_small(), torch.randn(1, 3, 16, 16))
 
     def failing(exc: Exception):
