@@ -247,7 +247,7 @@ def section_oracle(args: argparse.Namespace, out: Path) -> dict:
     result: dict = {"candidates": len(models), "input": list(x.shape), "trials_per_candidate": args.oracle_trials}
 
     def rate(deployment: Deployment, store_name: str) -> tuple[float, list]:
-        oracle = Oracle(LatencyStore(cache / store_name))
+        oracle = Oracle(LatencyStore(cache / store_name), compile_fn=engine.compile)
         t = time.perf_counter()
         ms = [oracle.measure(m, deployment, x) for m in models]
         wall = time.perf_counter() - t
@@ -272,7 +272,7 @@ def section_oracle(args: argparse.Namespace, out: Path) -> dict:
     # the VM (tens of ms) does not become the figure
     lookup_ms = []
     for _ in range(3):
-        oracle = Oracle(LatencyStore(cache / "warm.sqlite"))
+        oracle = Oracle(LatencyStore(cache / "warm.sqlite"), compile_fn=engine.compile)
         for m, first in zip(models, ms):
             t = time.perf_counter()
             again = oracle.measure(m, tuned, x)
@@ -285,7 +285,7 @@ def section_oracle(args: argparse.Namespace, out: Path) -> dict:
     # run-to-run spread of the same candidate: re-measure one with fresh stores
     same = []
     for i in range(args.oracle_repeat):
-        o = Oracle(LatencyStore(cache / f"repeat{i}.sqlite"))
+        o = Oracle(LatencyStore(cache / f"repeat{i}.sqlite"), compile_fn=engine.compile)
         same.append(o.measure(models[0], tuned, x).median_ms)
     result["same_model_medians_ms"] = same
     result["same_model_spread"] = (max(same) - min(same)) / statistics.median(same)
@@ -300,20 +300,20 @@ def section_predictor(args: argparse.Namespace, out: Path) -> dict:
     fit = P.collect(P.fit_variants(args.predictor_fit), "host", log=log, sessions=sessions)
     held = P.collect(P.eval_variants(args.predictor_eval, args.predictor_fit), "host", log=log, sessions=sessions)
     t = time.perf_counter()
-    pred = P.LatencyPredictor("host").fit(fit)
+    pred = P.KernelLatencyPredictor("host").fit(fit)
     fit_s = time.perf_counter() - t
     ev = pred.evaluate(held)
     nets = [s["kernels"] for s in held]
     t, reps = time.perf_counter(), 0
     while time.perf_counter() - t < 1.0:
-        pred._memo.clear()
+        pred.forget_kernels()
         pred.predict_many(nets)
         reps += 1
     floor = P.accuracy([s["e2e_early_ms"] for s in held], [s["e2e_again_ms"] for s in held])
     # against one oracle call instead of the fastest of the sample's measurements
     single = P.accuracy([s["e2e_first_ms"] for s in held], [pred.predict_features(s["kernels"]) for s in held])
     # the same regressor against the contention-free target: the sum of in-graph kernel times
-    kernel_sum = P.LatencyPredictor("host", target="kernel_sum_ms").fit(fit).evaluate(held)
+    kernel_sum = P.KernelLatencyPredictor("host", target="kernel_sum_ms").fit(fit).evaluate(held)
     return {"fit_networks": len(fit), "held_out_networks": len(held), "target": pred.target,
             "kernel_sum_within_10": kernel_sum.within_10, "kernel_sum_mape": kernel_sum.mape,
             "within_10": ev.within_10, "rmse_ms": ev.rmse_ms, "mape": ev.mape, "median_ape": ev.median_ape,
@@ -326,6 +326,7 @@ def section_search(args: argparse.Namespace, out: Path) -> dict:
     import torch
 
     from benchmarks.bench_nas import bench_autonas
+    from omnic import engine
     from omnic.core.measure import MeasureConfig
     from omnic.oracle import LatencyStore, Oracle
 
@@ -333,7 +334,8 @@ def section_search(args: argparse.Namespace, out: Path) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["OMNIC_CACHE_DIR"] = str(cache)
     torch.set_num_threads(1)
-    oracle = Oracle(LatencyStore(cache / "latency.sqlite"), MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2, time_budget_s=0.1))
+    oracle = Oracle(LatencyStore(cache / "latency.sqlite"), MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2, time_budget_s=0.1),
+                    compile_fn=engine.compile)
     nas_args = argparse.Namespace(size=16, width=32, epochs=args.search_epochs, measurements=args.search_measurements,
                                   population=20, generations=args.search_generations, seeds=[0])
     t = time.perf_counter()

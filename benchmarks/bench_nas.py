@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from omnic import nas
+from omnic import engine, nas
 from omnic.core.measure import MeasureConfig
 from omnic.oracle import LatencyStore, Oracle
 from omnic.examples.digits import DigitsCNN, DigitsResNet, accuracy, accuracy_fn, digits_loaders, train_plain
@@ -172,7 +172,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = Path(tempfile.mkdtemp(prefix="nas-bench-")) / "latency.sqlite"
-    oracle = Oracle(LatencyStore(store), MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2, time_budget_s=0.1))
+    oracle = Oracle(LatencyStore(store), MeasureConfig(min_repeat_ms=20, repeats=5, max_rounds=2, time_budget_s=0.1),
+                    compile_fn=engine.compile)
     res = {"args": vars(args)}
     t = time.perf_counter()
     if args.only != "fastnas":

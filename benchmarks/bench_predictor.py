@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remeasure", type=int, default=0, help="held-out networks to measure again (noise floor)")
     ap.add_argument("--predict-models", type=int, default=3, help="held-out models to predict from nn.Module")
     ap.add_argument("--save", action="store_true", help="save the fitted predictor as a new version")
-    ap.add_argument("--target", choices=P._TARGETS, default="e2e_ms")
+    ap.add_argument("--target", choices=P.TARGETS, default="e2e_ms")
     ap.add_argument("--stored-only", action="store_true", help="use only variants already measured")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     fit = P.collect(fit_vs, args.device, log=log, measure=not args.stored_only, sessions=args.sessions)
     held = P.collect(held_vs, args.device, log=log, measure=not args.stored_only, sessions=args.sessions)
     by_target = {}
-    for target in P._TARGETS:
-        p = P.LatencyPredictor(args.device, target=target).fit(fit)
+    for target in P.TARGETS:
+        p = P.KernelLatencyPredictor(args.device, target=target).fit(fit)
         e = p.evaluate(held)
         by_target[target] = {"within_10": e.within_10, "rmse_ms": e.rmse_ms, "mape": e.mape,
                              "median_ape": e.median_ape, "calibration": list(p.calibration)}
         print(f"\n## target {target}\n{e.table()}")
     t0 = time.perf_counter()
-    pred = P.LatencyPredictor(args.device, target=args.target).fit(fit)
+    pred = P.KernelLatencyPredictor(args.device, target=args.target).fit(fit)
     fit_s = time.perf_counter() - t0
     ev = pred.evaluate(held)
     train_ev = pred.evaluate(fit)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         t0, reps = time.perf_counter(), 0
         while time.perf_counter() - t0 < 1.0:
             if cold:
-                pred._memo.clear()
+                pred.forget_kernels()
             fn()
             reps += 1
         return reps * per_call / (time.perf_counter() - t0)

@@ -55,7 +55,7 @@ def run(n_servers: int, n_candidates: int, config: MeasureConfig) -> dict:
     models = candidates(n_candidates)
     with LocalFarm(servers=n_servers, threads=1) as farm, tempfile.TemporaryDirectory() as tmp:
         dep = {"device": "host", "tracker": farm.address}
-        oracle = Oracle(LatencyStore(Path(tmp) / "e2e.sqlite"), config)
+        oracle = Oracle(LatencyStore(Path(tmp) / "e2e.sqlite"), config, compile_fn=engine.compile)
         t0 = time.perf_counter()
         results = oracle.measure_many(models, dep, x)
         e2e = time.perf_counter() - t0

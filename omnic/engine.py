@@ -5,6 +5,7 @@ tunes (when the deployment asks for it), builds, and checks the compiled outputs
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -12,11 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnic.core.deployment import Deployment
 from omnic.compile.runtime import DeviceModel, attach_hint
+from omnic.core.cache import cache_root
+from omnic.core.deployment import Deployment
 from omnic.core.errors import DeviceUnreachableError
 from omnic.core.ir import TracedModel, resolve_example_inputs, trace
 from omnic.core.measure import MeasureConfig
+from omnic.oracle import LatencyStore, Oracle
 
 
 def _coerce(model: Any, deployment: Any, example_inputs: Any) -> tuple[TracedModel, Deployment]:
@@ -169,6 +172,19 @@ def _require_measurable(deployment: Deployment) -> None:
         raise DeviceUnreachableError(attach_hint(deployment))
 
 
+@functools.lru_cache(maxsize=None)
+def _oracle_for(path: str) -> Oracle:
+    return Oracle(LatencyStore(path), compile_fn=compile)
+
+
+def default_oracle() -> Oracle:
+    """The process-wide oracle: the store ``<cache root>/latency.sqlite``, compiling with :func:`compile`.
+
+    One per cache root (the root is read on each call, so a changed ``OMNIC_CACHE_DIR`` gets its own).
+    """
+    return _oracle_for(str(cache_root() / "latency.sqlite"))
+
+
 def get_latency(model: Any, deployment: Any = None, example_inputs: Any = None, *,
                 config: MeasureConfig | None = None) -> float:
     """Measured latency of ``model`` on the deployment's device, in ms (median of repeats).
@@ -179,8 +195,6 @@ def get_latency(model: Any, deployment: Any = None, example_inputs: Any = None, 
     Raises:
         DeviceUnreachableError: The device is neither this machine nor attached through a tracker.
     """
-    from omnic.oracle import default_oracle
-
     traced, deployment = _coerce(model, deployment, example_inputs)
     _require_measurable(deployment)
     measurement = default_oracle().measure(traced, deployment, config=config)

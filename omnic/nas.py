@@ -8,15 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from omnic.core.measure import Oracle
 
-def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, **kwargs: Any):
+
+def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, oracle: Oracle | None = None,
+          **kwargs: Any):
     """Rewrite ``model`` with the adaptation passes that measurably help on the device.
 
-    See :func:`omnic.passes.adapt.adapt` for the arguments.
+    See :func:`omnic.passes.adapt.adapt` for the arguments; ``oracle`` defaults to
+    :func:`omnic.engine.default_oracle`.
     """
+    from omnic import engine
     from omnic.passes.adapt import adapt as _adapt
 
-    return _adapt(model, deployment, example_inputs, **kwargs)
+    return _adapt(model, deployment, example_inputs, oracle=oracle if oracle is not None else engine.default_oracle(),
+                  **kwargs)
 
 
 def omnimize(model: Any, mode: str = "autonas", example_inputs: Any = None, **kwargs: Any):
@@ -29,14 +35,17 @@ def omnimize(model: Any, mode: str = "autonas", example_inputs: Any = None, **kw
     return _omnimize(model, mode=mode, example_inputs=example_inputs, **kwargs)
 
 
-def search(omni_model: Any, constraints: Any, deployment: Any = None, score_fn: Any = None, **kwargs: Any):
+def search(omni_model: Any, constraints: Any, deployment: Any = None, score_fn: Any = None, *,
+           oracle: Oracle | None = None, **kwargs: Any):
     """Find the best subnet that meets ``constraints`` on the deployment's device.
 
-    See :func:`omnic.search.api.search`.
+    See :func:`omnic.search.api.search`; ``oracle`` defaults to :func:`omnic.engine.default_oracle`.
     """
+    from omnic import engine
     from omnic.search.api import search as _search
 
-    return _search(omni_model, constraints, deployment=deployment, score_fn=score_fn, **kwargs)
+    return _search(omni_model, constraints, deployment=deployment, score_fn=score_fn,
+                   oracle=oracle if oracle is not None else engine.default_oracle(), **kwargs)
 
 
 def train_supernet(*args: Any, **kwargs: Any):

@@ -208,11 +208,9 @@ def test_weight_quantization_is_per_channel_symmetric():
 
 def test_oracle_measures_int8(fresh_cache):
     model, x = _clip_model(), torch.randn(1, 3, 16, 16)
-    from omnic.oracle import default_oracle
-
     ms = engine.get_latency(model, {"device": "host", "precision": "int8"}, x)
     assert ms > 0
-    oracle = default_oracle()
+    oracle = engine.default_oracle()
     fresh = oracle.fresh_measurements
     assert engine.get_latency(model, {"device": "host", "precision": "int8"}, x) == ms
     assert oracle.fresh_measurements == fresh  # stored under precision int8

@@ -107,7 +107,7 @@ def test_remote_inference_and_latency_match_local_and_pytorch(rpc_farm, tmp_path
     rpc_farm.wait_servers(2, timeout_s=30)
 
     # engine.get_latency on the remote deployment goes through the oracle and its store.
-    oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"), QUICK)
+    oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"), QUICK, compile_fn=engine.compile)
     m = oracle.measure(model, _deployment(rpc_farm), X)
     assert m.ok and oracle.lookup(model, _deployment(rpc_farm), X).median_ms == m.median_ms
     rpc_farm.wait_servers(2, timeout_s=30)  # the oracle gave its lease back
@@ -133,7 +133,7 @@ def test_devices_cli_shows_the_queue(rpc_farm, capsys):
 # ---------------------------------------------------------------------- parallel batches
 @pytest.mark.slow
 def test_measure_many_in_parallel_over_two_servers(rpc_farm, tmp_path):
-    oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"), QUICK)
+    oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"), QUICK, compile_fn=engine.compile)
     models = [_model(w) for w in (4, 8, 12, 16)] + [_model(8)]  # the last repeats a structure
     seen = []
     results = oracle.measure_many(models, _deployment(rpc_farm), X,
@@ -174,7 +174,7 @@ def test_server_killed_during_batch_the_batch_completes(rpc_farm, tmp_path, monk
 
     monkeypatch.setattr(rpc_batch, "measure_on_server", measure_and_kill)
     oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"),
-                    MeasureConfig(min_repeat_ms=400, repeats=3, max_rounds=1, time_budget_s=0.1))
+                    MeasureConfig(min_repeat_ms=400, repeats=3, max_rounds=1, time_budget_s=0.1), compile_fn=engine.compile)
     models = [_model(w) for w in (4, 6, 8, 10)]
     results = oracle.measure_many(models, _deployment(rpc_farm), X,
                                   batch=BatchConfig(backoff_s=0.2, max_retries=3, timeout_s=60))
@@ -194,7 +194,7 @@ def test_server_killed_during_batch_the_batch_completes(rpc_farm, tmp_path, monk
 
 @pytest.mark.slow
 def test_a_candidate_past_its_timeout_is_marked_failed_and_the_batch_goes_on(rpc_farm, tmp_path):
-    oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"), QUICK)
+    oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"), QUICK, compile_fn=engine.compile)
     heavy = Heavy().eval()
     models = [_model(4), heavy, _model(6)]
     inputs = [X, torch.randn(1, 128, 64, 64), X]
@@ -221,7 +221,7 @@ def test_unreachable_tracker_is_a_clear_error_within_a_bounded_time(address, tmp
     with pytest.raises(DeviceUnreachableError, match=address.replace(".", r"\.")):
         connect_tracker(address, timeout_s=2.0)
     with pytest.raises(DeviceUnreachableError, match=address.replace(".", r"\.")):
-        Oracle(LatencyStore(tmp_path / "lat.sqlite")).measure_many(
+        Oracle(LatencyStore(tmp_path / "lat.sqlite"), compile_fn=engine.compile).measure_many(
             [_model(4)], deployment, X, batch=BatchConfig(connect_timeout_s=2.0))
     with pytest.raises(DeviceUnreachableError, match=address.replace(".", r"\.")):
         rpc_runner.make_rpc_runner(deployment, connect_timeout_s=2.0)

@@ -81,12 +81,12 @@ def test_an_unaligned_ab_build_is_stored_apart(monkeypatch, tmp_path):
     """OMNIC_ALIGNED_STACK=0 builds another binary: its latencies must not answer for the default."""
     import torch
 
-    from omnic import Deployment
+    from omnic import Deployment, engine
     from omnic.core.ir import trace
     from omnic.oracle import Oracle
     from omnic.oracle.store import LatencyStore
 
-    oracle = Oracle(LatencyStore(tmp_path / "latency.sqlite"))
+    oracle = Oracle(LatencyStore(tmp_path / "latency.sqlite"), compile_fn=engine.compile)
     traced = trace(torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8))
     deployment = Deployment(device="host")
     aligned = oracle.key(traced, deployment)

@@ -16,7 +16,7 @@ from omnic.core.errors import OmnicError
 # One module per command family; each has register_cli(subparsers). Keep one name per line.
 _PLUGINS = (
     "omnic.cli.remote",
-    "omnic.oracle.predictor",
+    "omnic.cli.predictor",
     "omnic.passes.adapt",
     "omnic.cli.search",
     "omnic.examples.demo",
@@ -55,12 +55,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_latency(args: argparse.Namespace) -> int:
     from omnic import engine
-    from omnic.oracle import default_oracle
 
     model, x = load_model_spec(args.model, parse_shape(args.input_shape))
     deployment = deployment_from(args)
     ms = engine.get_latency(model, deployment, x)
-    m = default_oracle().lookup(model, deployment, x)
+    m = engine.default_oracle().lookup(model, deployment, x)
     data = {"device": deployment.device, "precision": deployment.precision, "latency_ms": ms,
             "spread": m.spread if m else None, "runs": m.runs if m else None}
     emit(args, data, f"{deployment.device} {deployment.precision}: {ms:.4f} ms"

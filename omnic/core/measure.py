@@ -1,20 +1,20 @@
-"""The measurement protocol shared by local and remote timing.
+"""The measurement protocol shared by local and remote timing, and the oracle interface.
 
 Warm-up, then rounds of repeats until the relative spread of the repeats is small or a cap is
 reached. A *repeat* is the fastest of a few back-to-back runs (each run a timed window of at
 least ``min_repeat_ms``, so microsecond networks are timed over several calls). Why the fastest:
-on a shared 2-core VM single runs of one untuned network took 14.1 ms (p10) to 17.1 ms (p90),
-a long tail of interference that only ever adds time; the median of 16 runs landed within 5 %
-of its long-run value 82 % of the time, the 25th percentile 96 % of the time. The reported
-latency is the median of the repeats, with its spread, so callers can tell a real difference
-from noise. Slow networks get fewer repeats (``time_budget_s``), never fewer than ``min_repeats``.
+on a shared machine, interference from other processes only ever adds time, so single runs have
+a long slow tail, and a low quantile of a few runs lands near the long-run value far more often
+than their median does. The reported latency is the median of the repeats, with its spread, so
+callers can tell a real difference from noise. Slow networks get fewer repeats
+(``time_budget_s``), never fewer than ``min_repeats``.
 """
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 
 #: Bumped when the protocol changes what a measurement reports; the latency store keys carry it,
@@ -121,3 +121,22 @@ def time_vm(vm, dev, inputs: Sequence[Any], config: MeasureConfig = MeasureConfi
             break
     return Measurement(median_ms=float(statistics.median(results)), spread=relative_spread(results),
                        runs=len(results), results_ms=tuple(results), device=device_name)
+
+
+class Oracle(Protocol):
+    """What searches and adaptation passes need from a latency oracle.
+
+    :class:`omnic.oracle.Oracle` implements it; tests pass fakes (a FLOPs count, a counter).
+    Failures come back as a :class:`Measurement` with ``error`` set, not as exceptions.
+    """
+
+    def measure(self, model: Any, deployment: Any, example_inputs: Any = None, *,
+                config: MeasureConfig | None = None) -> Measurement:
+        """Exact latency of ``model`` on the deployment's device."""
+        ...
+
+    def measure_many(self, models: Sequence[Any], deployment: Any, example_inputs: Any = None, *,
+                     config: MeasureConfig | None = None, batch: Any = None,
+                     on_result: Callable[[int, Measurement], None] | None = None) -> list[Measurement]:
+        """Exact latency of many models, one Measurement per model, in order."""
+        ...

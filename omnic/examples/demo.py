@@ -90,7 +90,6 @@ def run_demo(config: DemoConfig = DemoConfig(), *, say: Callable[[str], None] = 
     from omnic import engine, nas
     from omnic.core.cache import cache_root
     from omnic.core.deployment import Deployment
-    from omnic.oracle import default_oracle
     from omnic.examples.digits import DigitsResNet, accuracy, digits_loaders, train_plain
 
     t_start = time.perf_counter()
@@ -98,7 +97,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, say: Callable[[str], None] = 
     out.mkdir(parents=True, exist_ok=True)
     threads = config.threads or int(os.environ.get("TVM_NUM_THREADS", "1"))
     deployment = Deployment(device="host", threads=threads, tuning_trials=config.tuning_trials)
-    oracle = default_oracle()
+    oracle = engine.default_oracle()
     fresh_before = oracle.fresh_measurements
     store_before = len(oracle.store)
     step = _Steps(8, say)

@@ -1,5 +1,8 @@
-"""The latency oracle: exact compiled measurements, stored so nothing is measured twice."""
-from omnic.oracle.store import LatencyStore, StoreKey
-from omnic.oracle.oracle import Oracle, default_oracle
+"""The latency oracle: exact compiled measurements, stored so nothing is measured twice.
 
-__all__ = ["LatencyStore", "StoreKey", "Oracle", "default_oracle"]
+The process-wide oracle, wired to ``engine.compile``, is :func:`omnic.engine.default_oracle`.
+"""
+from omnic.oracle.oracle import CompileFn, Oracle
+from omnic.oracle.store import LatencyStore, StoreKey
+
+__all__ = ["CompileFn", "LatencyStore", "Oracle", "StoreKey"]

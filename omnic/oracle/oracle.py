@@ -1,22 +1,33 @@
-"""`Oracle.measure(graph, deployment)`: exact compiled latency, looked up before it is measured."""
+"""`Oracle.measure(graph, deployment)`: exact compiled latency, looked up before it is measured.
+
+The oracle does not know how to compile: the compile function is injected at construction
+(``engine.default_oracle()`` wires ``engine.compile``), so the oracle depends on nothing above it.
+"""
 from __future__ import annotations
 
-import functools
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from omnic.core.cache import cache_root
 from omnic.compile import stack_align
 from omnic.compile.compiler import PIPELINE_REVISION
+from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
+from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError, ServerConnectError, describe
 from omnic.core.ir import TracedModel, trace
 from omnic.core.measure import PROTOCOL_REVISION, MeasureConfig, Measurement
-from omnic.oracle.store import LatencyStore, StoreKey
 from omnic.core.targets import host_cpu_name
+from omnic.oracle.store import LatencyStore, StoreKey
+from omnic.remote.session import export_for_upload
+from omnic.remote.batch import BatchConfig, FarmBatch, count_servers
 
-if TYPE_CHECKING:
-    from omnic.remote.batch import BatchConfig
+#: ``compile_fn(traced, deployment, *, check, progress)`` -> a compiled model with ``measure(config)``,
+#: ``runtime``, ``executable``, ``input_shapes`` and ``input_dtypes`` (what ``engine.compile`` returns).
+CompileFn = Callable[..., Any]
+
+#: Unreachable-device errors that belong to one measurement, not to the device: a lease that timed
+#: out or a server that died is recorded as that candidate's failure (a later ask measures again).
+_CANDIDATE_FAULTS = (LeaseTimeoutError, ServerConnectError)
 
 
 class Oracle:
@@ -25,12 +36,17 @@ class Oracle:
     Args:
         store: Where measurements are kept (default: ``<cache>/latency.sqlite``).
         config: The measurement protocol.
+        compile_fn: Builds a candidate for a deployment (``engine.compile`` or anything with its
+            signature). Keyword-only and required: a forgotten wiring fails here, not as a failed
+            measurement recorded in the store.
     """
 
-    def __init__(self, store: LatencyStore | None = None, config: MeasureConfig | None = None):
+    def __init__(self, store: LatencyStore | None = None, config: MeasureConfig | None = None, *,
+                 compile_fn: CompileFn):
         # not `store or ...`: an empty store has len() 0 and is falsy
         self.store = store if store is not None else LatencyStore(cache_root() / "latency.sqlite")
         self.config = config or MeasureConfig()
+        self.compile_fn = compile_fn
         self.fresh_measurements = 0
         self.last_batch_stats: dict[str, Any] = {}  # of the last remote measure_many
 
@@ -61,8 +77,6 @@ class Oracle:
         Failures come back as a Measurement with ``error`` set, not as exceptions, so a batch of
         candidates is never lost to one bad one.
         """
-        from omnic import engine
-
         deployment = Deployment.coerce(deployment)
         traced = model if isinstance(model, TracedModel) else trace(model, example_inputs)
         key = self.key(traced, deployment)
@@ -70,25 +84,22 @@ class Oracle:
         if cached is not None and cached.ok:
             return cached
         try:
-            dm = engine.compile(traced, deployment, check=False, progress=False)
+            dm = self.compile_fn(traced, deployment, check=False, progress=False)
             try:
                 measurement = dm.measure(config or self.config)
             finally:
                 if deployment.is_remote:
                     dm.runtime.close()  # give the leased server back to the farm now, not at GC
         except Exception as exc:  # noqa: BLE001 - a failed candidate is data
-            from omnic.core.errors import OmnicError
-
-            if isinstance(exc, OmnicError) and type(exc).__name__ in ("DeviceUnreachableError",):
-                raise
-            measurement = Measurement(median_ms=None, error=f"{type(exc).__name__}: {exc}",
-                                      device=deployment.device)
+            if isinstance(exc, DeviceUnreachableError) and not isinstance(exc, _CANDIDATE_FAULTS):
+                raise  # no device to measure on: nothing about the candidate to record
+            measurement = Measurement(median_ms=None, error=describe(exc), device=deployment.device)
         self.store.put(key, measurement)
         self.fresh_measurements += 1
         return measurement
 
     def measure_many(self, models: Sequence[Any], deployment: Any, example_inputs: Any = None, *,
-                     config: MeasureConfig | None = None, batch: "BatchConfig | None" = None,
+                     config: MeasureConfig | None = None, batch: BatchConfig | None = None,
                      on_result: Callable[[int, Measurement], None] | None = None) -> list[Measurement]:
         """Exact latency of many candidates; on a remote deployment, in parallel over the farm.
 
@@ -115,11 +126,6 @@ class Oracle:
             DeviceUnreachableError: The tracker is unreachable or has no server under the key
                 (raised before anything is measured).
         """
-        from omnic import engine
-        from omnic.core.errors import DeviceUnreachableError
-        from omnic.remote.batch import BatchConfig, FarmBatch, count_servers
-        from omnic.remote.session import export_for_upload
-
         deployment = Deployment.coerce(deployment)
         cfg = config or self.config
         traced = [m if isinstance(m, TracedModel) else trace(m, example_inputs) for m in models]
@@ -155,7 +161,7 @@ class Oracle:
         lock = threading.Lock()
         with tempfile.TemporaryDirectory(prefix="omnic-batch-") as tmp:
             def prepare(j: int):
-                dm = engine.compile(traced[todo[j][1][0]], deployment, check=False, progress=False)
+                dm = self.compile_fn(traced[todo[j][1][0]], deployment, check=False, progress=False)
                 return export_for_upload(dm.executable, deployment, tmp), dm.input_shapes, dm.input_dtypes
 
             def store(j: int, m: Measurement, extra: dict[str, Any]) -> None:
@@ -173,13 +179,3 @@ class Oracle:
             run.run(min(batch.workers or servers, len(todo)))
         self.last_batch_stats = dict(run.stats, servers=servers)
         return results  # type: ignore[return-value]
-
-
-@functools.lru_cache(maxsize=None)
-def _oracle_for(path: str) -> Oracle:
-    return Oracle(LatencyStore(path))
-
-
-def default_oracle() -> Oracle:
-    """The process-wide oracle over ``<cache root>/latency.sqlite``."""
-    return _oracle_for(str(cache_root() / "latency.sqlite"))

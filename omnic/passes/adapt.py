@@ -165,7 +165,7 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
         exact_only: Try exact passes only, and reject any rewrite that changes the outputs
             by more than float rounding. Cannot be combined with ``approximate``.
         approximate: Also try the approximating swaps (off by default).
-        oracle: The latency oracle (default: :func:`omnic.oracle.default_oracle`).
+        oracle: The latency oracle (the facade :func:`omnic.nas.adapt` passes the default).
         tolerance: Largest relative output change (max |diff| / max |output|) an approximate
             swap may cause on the example input; beyond it the swap is rejected unmeasured.
         passes: Pass names to try, in order (default :data:`omnic.passes.DEFAULT_PASSES`).
@@ -191,9 +191,6 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
     """
     if exact_only and approximate:
         raise DeploymentError("exact_only and approximate contradict each other: pick one")
-    from omnic.oracle import default_oracle
-
-    oracle = oracle or default_oracle()
     deployment = Deployment.coerce(deployment)
     spec = deployment.spec
     say = progress or (lambda _msg: None)
@@ -365,7 +362,9 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     model, x = load_model_spec(args.model, parse_shape(args.input_shape))
     passes = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
     quiet = getattr(args, "json", False)
-    adapted = adapt(model, deployment_from(args), x, exact_only=args.exact_only,
+    from omnic import engine
+
+    adapted = adapt(model, deployment_from(args), x, oracle=engine.default_oracle(), exact_only=args.exact_only,
                     approximate=args.approximate, tolerance=args.tolerance, passes=passes,
                     measure=not args.no_measure,
                     progress=None if quiet else (lambda msg: print(msg, file=sys.stderr)))

@@ -78,7 +78,7 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
             how the model was omnimized.
         config: :class:`SearchConfig` (autonas/random) or :class:`FastNASConfig`; keyword
             ``overrides`` replace its fields (``population=8, seed=1``...).
-        oracle: The exact latency oracle (default: :func:`omnic.oracle.default_oracle`).
+        oracle: The exact latency oracle (the facade :func:`omnic.nas.search` passes the default).
         calib_loader: Batches for BatchNorm recalibration of each candidate before scoring (its
             first ``calib_batches`` batches are used; pass an unshuffled loader for searches that
             reproduce and resume exactly).
@@ -98,10 +98,6 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
         raise SearchError("search needs a supernet from nas.omnimize(model, ...)")
     if score_fn is None:
         raise SearchError("search needs a score_fn(model) -> float (higher is better), e.g. validation accuracy")
-    if oracle is None:
-        from omnic.oracle import default_oracle
-
-        oracle = default_oracle()
     mode = mode or ("fastnas" if omni_model.mode == "fastnas" else "autonas")
     deps = _deployments(deployment)
     per_device = isinstance(constraints, Mapping) and constraints and \

@@ -44,7 +44,7 @@ def samples(tmp_path_factory):
 def test_conv_features_match_the_conv_arithmetic():
     cin, cout, k, h, w = 8, 16, 3, 12, 10
     model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=1, bias=False), nn.ReLU()).eval()
-    prepared, _, _ = P._prepare(trace(model, torch.randn(1, cin, h, w)), Deployment())
+    prepared, _, _ = P.prepare(trace(model, torch.randn(1, cin, h, w)), Deployment())
     kernels = {k_["name"]: k_ for k_ in P.kernel_features(prepared)}
     conv = next(v for n, v in kernels.items() if "conv2d" in n)
     f = conv["features"]
@@ -59,7 +59,7 @@ def test_conv_features_match_the_conv_arithmetic():
 def test_work_terms_count_the_loop_nests():
     cin, cout, k, h, w = 8, 16, 3, 12, 10
     model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=1, bias=False), nn.ReLU()).eval()
-    prepared, _, _ = P._prepare(trace(model, torch.randn(1, cin, h, w)), Deployment())
+    prepared, _, _ = P.prepare(trace(model, torch.randn(1, cin, h, w)), Deployment())
     conv = next(k_ for k_ in P.kernel_features(prepared) if "conv2d" in k_["name"])["features"]
     macs = cout * cin * k * k * h * w
     # the reduction's innermost loop runs over the 8 input channels: long enough to count as such
@@ -82,7 +82,7 @@ def test_a_second_session_keeps_the_fastest_figures(samples):
 
 def test_depthwise_conv_is_recognised():
     model = nn.Sequential(nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8)).eval()
-    prepared, _, _ = P._prepare(trace(model, torch.randn(1, 8, 12, 12)), Deployment())
+    prepared, _, _ = P.prepare(trace(model, torch.randn(1, 8, 12, 12)), Deployment())
     conv = next(k for k in P.kernel_features(prepared) if "conv2d" in k["name"])["features"]
     assert (conv["kind"], conv["groups"], conv["stride"], conv["H"], conv["kh"]) == ("dwconv", 8, 2, 6, 5)
     assert conv["flops"] == 2 * 8 * 5 * 5 * 6 * 6
@@ -102,7 +102,7 @@ def test_held_out_accuracy_is_computed(samples):
     fit, held = samples
     assert not {s["key"] for s in fit} & {s["key"] for s in held}
     # the contention-robust target: end-to-end figures on a shared 2-core box swing up to 2x
-    pred = P.LatencyPredictor("host", target="kernel_sum_ms").fit(fit)
+    pred = P.KernelLatencyPredictor("host", target="kernel_sum_ms").fit(fit)
     ev = pred.evaluate(held)
     measured = np.array([s["kernel_sum_ms"] for s in held])
     predicted = np.array([pred.predict_features(s["kernels"]) for s in held])
@@ -119,7 +119,7 @@ def test_held_out_accuracy_is_computed(samples):
 
 def test_predict_from_a_model_builds_nothing_and_matches_the_features(samples, monkeypatch):
     fit, _ = samples
-    pred = P.LatencyPredictor("host").fit(fit)
+    pred = P.KernelLatencyPredictor("host").fit(fit)
     from omnic.compile import compiler
 
     def no_build(*_a, **_k):
@@ -144,32 +144,32 @@ def _other_device() -> Deployment:
 
 def test_save_load_round_trip_and_versions(samples, fresh_cache):
     fit, held = samples
-    pred = P.LatencyPredictor("host").fit(fit[:5])
+    pred = P.KernelLatencyPredictor("host").fit(fit[:5])
     p1 = pred.save(extra={"eval": pred.evaluate(held).to_dict()})
     p2 = pred.save()
     assert (p1.name, p2.name) == ("host-v1.json", "host-v2.json")
-    assert P.LatencyPredictor.versions("host") == [1, 2]
+    assert P.KernelLatencyPredictor.versions("host") == [1, 2]
     meta = json.loads(p1.read_text())
     assert meta["feature_schema"] == list(P.FEATURES) and meta["tuning_state"] == "untuned"
-    loaded = P.LatencyPredictor.load("host")
+    loaded = P.KernelLatencyPredictor.load("host")
     assert loaded.version == 2
     for s in held:
         assert loaded.predict_features(s["kernels"]) == pytest.approx(pred.predict_features(s["kernels"]), rel=1e-5)
-    assert P.LatencyPredictor.load("host", 1).calibration == pytest.approx(pred.calibration)
+    assert P.KernelLatencyPredictor.load("host", 1).calibration == pytest.approx(pred.calibration)
     # a file written with another feature schema is refused, not silently mis-read
     meta["schema_version"] = -1
     p1.write_text(json.dumps(meta))
     with pytest.raises(P.PredictorError, match="refit"):
-        P.LatencyPredictor.load("host", 1)
+        P.KernelLatencyPredictor.load("host", 1)
     with pytest.raises(P.PredictorError, match="omnic predictor fit"):
-        P.LatencyPredictor.load("no-such-device")
+        P.KernelLatencyPredictor.load("no-such-device")
 
 
 def test_fit_needs_samples_and_unfitted_predictor_says_so():
     with pytest.raises(P.PredictorError, match="at least 2"):
-        P.LatencyPredictor("host").fit([])
+        P.KernelLatencyPredictor("host").fit([])
     with pytest.raises(P.PredictorError, match="not fitted"):
-        P.LatencyPredictor("host").predict_features([])
+        P.KernelLatencyPredictor("host").predict_features([])
 
 
 def test_accuracy_figures():
@@ -182,15 +182,17 @@ def test_variants_are_distinct_and_held_out_excludes_fit():
     fit = P.fit_variants(20)
     held = P.eval_variants(10, 20)
     assert len({v.key for v in fit}) == 20 and not {v.key for v in fit} & {v.key for v in held}
-    assert {v.family for v in fit} == set(P._FAMILIES)
+    assert {v.family for v in fit} == set(P.FAMILIES)
     assert P.Variant.from_dict(fit[0].to_dict()) == fit[0]
 
 
 def test_cli_registers_fit_and_eval():
+    from omnic.cli import predictor as cli
     from omnic.cli.app import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["predictor", "fit", "--device", "host", "--samples", "12"])
-    assert (args.func, args.samples) == (P.cmd_fit, 12)
+    assert (args.func, args.samples) == (cli.cmd_fit, 12)
     args = parser.parse_args(["predictor", "eval", "--device", "host"])
-    assert args.func is P.cmd_eval
+    assert args.func is cli.cmd_eval
+    assert cli.TARGETS == P.TARGETS  # the parser's copy, kept so that `omnic --help` imports no TVM

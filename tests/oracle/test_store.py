@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from omnic import Deployment, engine
+from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError
 from omnic.core.ir import trace
 from omnic.core.measure import MeasureConfig, Measurement
 from omnic.oracle import Oracle
@@ -27,10 +29,12 @@ def small():
 
 _LOOKUP_CHILD = _MODEL + """
 import json, sys
+from omnic import engine
 from omnic.core.measure import MeasureConfig
 from omnic.oracle import Oracle
 from omnic.oracle.store import LatencyStore
-oracle = Oracle(LatencyStore(sys.argv[1]), MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1))
+oracle = Oracle(LatencyStore(sys.argv[1]), MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1),
+                compile_fn=engine.compile)
 m = oracle.measure(small(), {"device": "host", "threads": 1}, torch.randn(1, 3, 16, 16))
 print(json.dumps({"median_ms": m.median_ms, "cached": m.cached, "fresh": oracle.fresh_measurements}))
 """
@@ -63,7 +67,7 @@ def test_a_measurement_is_looked_up_here_and_in_another_process(tmp_path, fresh_
     assert compiled.report["max_rel_error"] < 1e-4  # what the oracle times computes what torch does
 
     path = tmp_path / "latency.sqlite"
-    oracle = Oracle(LatencyStore(path), QUICK)
+    oracle = Oracle(LatencyStore(path), QUICK, compile_fn=engine.compile)
     first = oracle.measure(model, deployment, x)
     assert first.ok and not first.cached and oracle.fresh_measurements == 1
     again = oracle.measure(_small(), deployment, x)  # same structure, other weights: same latency
@@ -98,7 +102,7 @@ def test_two_writer_processes_lose_nothing(tmp_path):
 def test_host_latencies_are_kept_per_cpu(tmp_path):
     traced = trace(_small(), torch.randn(1, 3, 16, 16))
     deployment = Deployment(device="host")
-    oracle = Oracle(LatencyStore(tmp_path / "latency.sqlite"))
+    oracle = Oracle(LatencyStore(tmp_path / "latency.sqlite"), compile_fn=engine.compile)
     key = oracle.key(traced, deployment)
     here = f"cpu={host_cpu_name()}"
     assert here in key.context
@@ -110,3 +114,25 @@ def test_host_latencies_are_kept_per_cpu(tmp_path):
     assert oracle.lookup(traced, deployment).median_ms == 2.0
     # devices with a fixed target are the same CPU wherever omnic runs: no host CPU in their key
     assert "cpu=" not in oracle.key(traced, Deployment(device="rasp4b")).context
+
+
+def test_the_injected_compiler_decides_what_a_failure_is(tmp_path):
+    """A failing candidate is recorded; a device that cannot be reached is raised, unrecorded."""
+    traced = trace(_small(), torch.randn(1, 3, 16, 16))
+
+    def failing(exc: Exception):
+        def compile_fn(*_args, **_kwargs):
+            raise exc
+        return compile_fn
+
+    store = LatencyStore(tmp_path / "latency.sqlite")
+    bad = Oracle(store, QUICK, compile_fn=failing(ValueError("no kernel for this op")))
+    m = bad.measure(traced, "host")
+    assert not m.ok and m.error == "ValueError: no kernel for this op" and bad.fresh_measurements == 1
+    # a lease that timed out belongs to this candidate's measurement: recorded like any failure
+    lease = Oracle(store, QUICK, compile_fn=failing(LeaseTimeoutError("no server became free")))
+    assert lease.measure(traced, "host").error == "LeaseTimeoutError: no server became free"
+    gone = Oracle(store, QUICK, compile_fn=failing(DeviceUnreachableError("tracker down")))
+    with pytest.raises(DeviceUnreachableError, match="tracker down"):
+        gone.measure(traced, "host")
+    assert gone.fresh_measurements == 0

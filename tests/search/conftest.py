@@ -10,11 +10,13 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def oracle(tmp_path_factory):
+    from omnic import engine
     from omnic.core.measure import MeasureConfig
     from omnic.oracle import LatencyStore, Oracle
 
     path = tmp_path_factory.mktemp("search-oracle") / "latency.sqlite"
-    return Oracle(LatencyStore(path), MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1))
+    return Oracle(LatencyStore(path), MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1),
+                  compile_fn=engine.compile)
 
 
 @pytest.fixture(scope="session")
