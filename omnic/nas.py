@@ -12,10 +12,16 @@ from typing import Any
 def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, **kwargs: Any):
     """Rewrite ``model`` with the adaptation passes that measurably help on the device.
 
-    See :func:`omnic.passes.adapt.adapt` for the arguments.
+    See :func:`omnic.passes.adapt.adapt` for the arguments. This facade supplies what that
+    function takes as arguments instead of importing: the process-wide oracle (unless
+    ``oracle=`` is given) and ``engine.compile`` for its back-to-back re-check.
     """
+    from omnic import engine
+    from omnic.oracle import default_oracle
     from omnic.passes.adapt import adapt as _adapt
 
+    kwargs["oracle"] = kwargs.get("oracle") or default_oracle()
+    kwargs.setdefault("compile_fn", lambda traced, d: engine.compile(traced, d, check=False, progress=False))
     return _adapt(model, deployment, example_inputs, **kwargs)
 
 
