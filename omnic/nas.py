@@ -15,12 +15,14 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, ora
           **kwargs: Any):
     """Rewrite ``model`` with the adaptation passes that measurably help on the device.
 
-    See :func:`omnic.passes.adapt.adapt` for the arguments; ``oracle`` defaults to
-    :func:`omnic.engine.default_oracle`.
+    See :func:`omnic.passes.adapt.adapt` for the arguments. This facade supplies what that
+    function takes as arguments instead of importing: the process-wide oracle (unless
+    ``oracle=`` is given) and ``engine.compile`` for its back-to-back re-check.
     """
     from omnic import engine
     from omnic.passes.adapt import adapt as _adapt
 
+    kwargs.setdefault("compile_fn", lambda traced, d: engine.compile(traced, d, check=False, progress=False))
     return _adapt(model, deployment, example_inputs, oracle=oracle if oracle is not None else engine.default_oracle(),
                   **kwargs)
 

@@ -17,7 +17,7 @@ from omnic.core.errors import OmnicError
 _PLUGINS = (
     "omnic.cli.remote",
     "omnic.cli.predictor",
-    "omnic.passes.adapt",
+    "omnic.cli.adapt",
     "omnic.cli.search",
     "omnic.examples.demo",
     "omnic.compile.tuning",

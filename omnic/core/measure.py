@@ -123,6 +123,13 @@ def time_vm(vm, dev, inputs: Sequence[Any], config: MeasureConfig = MeasureConfi
                        runs=len(results), results_ms=tuple(results), device=device_name)
 
 
+#: ``engine.compile``'s shape: ``compile_fn(traced, deployment, *, check=..., progress=...)`` returns a
+#: compiled model with ``measure(config)``, ``runtime``, ``executable``, ``input_shapes`` and
+#: ``input_dtypes``. The oracle and the adaptation passes take it as an argument, so neither imports
+#: the engine facade.
+CompileFn = Callable[..., Any]
+
+
 class Oracle(Protocol):
     """What searches and adaptation passes need from a latency oracle.
 

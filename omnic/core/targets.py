@@ -37,7 +37,7 @@ class DeviceSpec:
             adaptation passes shrink larger ones (approximate).
         unsupported_ops: Operators the device cannot run at all, with why; the adaptation passes
             rewrite them or name them in an error (TVM importer gaps common to all devices are
-            listed in ``omnic.passes.device``).
+            listed in ``omnic.passes.legalize``).
         int_dot_product: Integer dot-product instruction family, if any (``"vnni"``, ``"dotprod"``).
         int8_depthwise: Whether ``precision="int8"`` quantizes depthwise convs too (False: they
             stay fp32 between integer layers, where int8 depthwise kernels measured slower).

@@ -15,15 +15,11 @@ from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
 from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError, ServerConnectError, describe
 from omnic.core.ir import TracedModel, trace
-from omnic.core.measure import PROTOCOL_REVISION, MeasureConfig, Measurement
+from omnic.core.measure import PROTOCOL_REVISION, CompileFn, MeasureConfig, Measurement
 from omnic.core.targets import host_cpu_name
 from omnic.oracle.store import LatencyStore, StoreKey
 from omnic.remote.session import export_for_upload
 from omnic.remote.batch import BatchConfig, FarmBatch, count_servers
-
-#: ``compile_fn(traced, deployment, *, check, progress)`` -> a compiled model with ``measure(config)``,
-#: ``runtime``, ``executable``, ``input_shapes`` and ``input_dtypes`` (what ``engine.compile`` returns).
-CompileFn = Callable[..., Any]
 
 #: Unreachable-device errors that belong to one measurement, not to the device: a lease that timed
 #: out or a server that died is recorded as that candidate's failure (a later ask measures again).

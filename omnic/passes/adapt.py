@@ -7,24 +7,28 @@ The passes propose; the latency oracle (exact compiled latency on the device) de
 candidate rewrite is kept when the measured latency drops by more than the noise of the two
 measurements (half their interquartile ranges, added). Approximate swaps are tried only with
 ``approximate=True``, and never beyond ``tolerance`` (relative output change on the example input).
+
+The oracle and the compiler are arguments, not imports: this module sits below the facades
+(:func:`omnic.nas.adapt` passes the process-wide oracle and ``engine.compile``), so it can be
+driven with any store or a stub in tests.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
+from omnic.compile.runtime import attach_hint
 from omnic.core.deployment import Deployment
-from omnic.core.errors import DeploymentError, MeasurementError, PassError
+from omnic.core.errors import DeploymentError, DeviceUnreachableError, MeasurementError, PassError
 from omnic.core.ir import TracedModel, resolve_example_inputs, trace
-from omnic.core.measure import MeasureConfig, Measurement
-from omnic.passes import DEFAULT_PASSES
-from omnic.passes.base import EXAMPLE_INPUTS_META, copy_graph_module, get_pass, run_passes
+from omnic.core.measure import CompileFn, MeasureConfig, Measurement, Oracle, relative_spread
+from omnic.passes.base import EXAMPLE_INPUTS_META, PassReport, copy_graph_module
+from omnic.passes.registry import DEFAULT_PASSES, get_pass
+from omnic.passes.runner import run_passes
 
 #: Relative output change above which an "exact" rewrite is treated as broken (float rounding
 #: of folded weights stays orders of magnitude below this).
@@ -149,8 +153,9 @@ def _diff(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> tuple[flo
     return abs_d, abs_d / scale
 
 
-def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exact_only: bool = False,
-          approximate: bool = False, oracle: Any = None, tolerance: float = 0.05,
+def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, oracle: Oracle | None = None,
+          compile_fn: CompileFn | None = None, exact_only: bool = False,
+          approximate: bool = False, tolerance: float = 0.05,
           passes: Sequence[str] | None = None, config: MeasureConfig | None = None,
           measure: bool = True, confirm: bool = True,
           progress: Callable[[str], None] | None = None) -> fx.GraphModule:
@@ -165,7 +170,10 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
         exact_only: Try exact passes only, and reject any rewrite that changes the outputs
             by more than float rounding. Cannot be combined with ``approximate``.
         approximate: Also try the approximating swaps (off by default).
-        oracle: The latency oracle (the facade :func:`omnic.nas.adapt` passes the default).
+        oracle: The latency oracle (its ``measure(model, deployment, config=...)``); needed
+            when ``measure`` is True. :func:`omnic.nas.adapt` passes the process-wide one.
+        compile_fn: Compiles a graph for the back-to-back re-check; needed when ``measure`` and
+            ``confirm`` are True. :func:`omnic.nas.adapt` passes ``engine.compile``.
         tolerance: Largest relative output change (max |diff| / max |output|) an approximate
             swap may cause on the example input; beyond it the swap is rejected unmeasured.
         passes: Pass names to try, in order (default :data:`omnic.passes.DEFAULT_PASSES`).
@@ -188,17 +196,20 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
         UnsupportedOperatorError: An operator the device cannot run and no pass can rewrite.
         MeasurementError: The (legalised) model cannot be compiled or measured.
         PassError: A pass failed (names it and the passes before it).
+        TypeError: ``measure`` without an ``oracle``, or ``confirm`` without a ``compile_fn``.
     """
     if exact_only and approximate:
         raise DeploymentError("exact_only and approximate contradict each other: pick one")
+    if measure and oracle is None:
+        raise TypeError("adapt(measure=True) needs oracle=...; omnic.nas.adapt passes the default oracle")
+    if measure and confirm and compile_fn is None:
+        raise TypeError("adapt(measure=True, confirm=True) needs compile_fn=...; omnic.nas.adapt passes "
+                        "engine.compile")
     deployment = Deployment.coerce(deployment)
     spec = deployment.spec
     say = progress or (lambda _msg: None)
     if measure and not spec.local and not deployment.is_remote:
         # fail before tracing and compiling anything (the oracle would only find out after a build)
-        from omnic.compile.runtime import attach_hint
-        from omnic.core.errors import DeviceUnreachableError
-
         raise DeviceUnreachableError(attach_hint(deployment) + " (or pass measure=False / --no-measure "
                                      "to see the proposed rewrites unmeasured)")
     if isinstance(model, TracedModel) and example_inputs is None:
@@ -278,7 +289,7 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
         gain, noise = base.median_ms - m.median_ms, base.noise_ms + m.noise_ms
         common.update(after_ms=m.median_ms, after_noise_ms=m.noise_ms)
         if gain > noise and confirm:
-            pa, pb = _paired(current, candidate, inputs, deployment, config)
+            pa, pb = _paired(compile_fn, current, candidate, inputs, deployment, config)
             common.update(paired_ms=(pa.median_ms, pb.median_ms))
             pgain, pnoise = pa.median_ms - pb.median_ms, pa.noise_ms + pb.noise_ms
             if pgain <= pnoise:
@@ -309,13 +320,11 @@ def adapt(model: Any, deployment: Any = None, example_inputs: Any = None, *, exa
     return current
 
 
-def _paired(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple[torch.Tensor, ...], deployment: Deployment,
-            config: MeasureConfig | None, rounds: int = 3) -> tuple[Measurement, Measurement]:
+def _paired(compile_fn: CompileFn, a: fx.GraphModule, b: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
+            deployment: Deployment, config: MeasureConfig | None,
+            rounds: int = 3) -> tuple[Measurement, Measurement]:
     """Time ``a`` and ``b`` alternately (a, b, a, b, ...) so both see the same machine load."""
-    from omnic import engine
-    from omnic.core.measure import relative_spread
-
-    dms = [engine.compile(trace(g, inputs), deployment, check=False, progress=False) for g in (a, b)]
+    dms = [compile_fn(trace(g, inputs), deployment) for g in (a, b)]
     runs: list[list[float]] = [[], []]
     for _ in range(rounds):
         for i, dm in enumerate(dms):
@@ -328,48 +337,10 @@ def _paired(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple[torch.Tensor, ..
     return out[0], out[1]
 
 
-def _run_one(gm: fx.GraphModule, spec: Any, name: str, done: list[str]):
+def _run_one(gm: fx.GraphModule, spec: Any, name: str, done: list[str]) -> tuple[fx.GraphModule, PassReport]:
     """Run one pass with the runner's error wrapping, naming the passes already applied (``done``)."""
     try:
         run = run_passes(gm, spec, [name])
     except PassError as exc:
         raise PassError(f"{exc} [passes applied before it: {', '.join(done) or 'none'}]") from exc
     return run.gm, run.reports[0]
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def register_cli(subparsers: Any) -> None:
-    """Add ``omnic adapt MODEL --input-shape ... [--exact-only] [--approximate] [--json]``."""
-    from omnic.cli.common import add_model_args
-
-    p = subparsers.add_parser("adapt", help="rewrite a model for a device; keep what measurably helps")
-    add_model_args(p)
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--exact-only", action="store_true", help="exact rewrites only; outputs unchanged")
-    mode.add_argument("--approximate", action="store_true", help="also try approximating swaps")
-    p.add_argument("--tolerance", type=float, default=0.05,
-                   help="max relative output change of an approximate swap (default 0.05)")
-    p.add_argument("--passes", help=f"comma-separated subset of: {', '.join(DEFAULT_PASSES)}")
-    p.add_argument("--save", help="torch.save the adapted GraphModule to this path")
-    p.add_argument("--no-measure", action="store_true",
-                   help="propose rewrites without measuring (a device with no tracker attached)")
-    p.set_defaults(func=_cmd_adapt)
-
-
-def _cmd_adapt(args: argparse.Namespace) -> int:
-    from omnic.cli.common import deployment_from, emit, load_model_spec, parse_shape
-
-    model, x = load_model_spec(args.model, parse_shape(args.input_shape))
-    passes = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else None
-    quiet = getattr(args, "json", False)
-    from omnic import engine
-
-    adapted = adapt(model, deployment_from(args), x, oracle=engine.default_oracle(), exact_only=args.exact_only,
-                    approximate=args.approximate, tolerance=args.tolerance, passes=passes,
-                    measure=not args.no_measure,
-                    progress=None if quiet else (lambda msg: print(msg, file=sys.stderr)))
-    report = adapted.adapt_report
-    if args.save:
-        torch.save(adapted, args.save)
-    emit(args, report.to_dict(), report.table() + (f"\nsaved: {args.save}" if args.save else ""))
-    return 0

@@ -1,5 +1,10 @@
 """The pass framework: pure ``(GraphModule, DeviceSpec) -> (GraphModule, PassReport)`` functions.
 
+This module holds what every pass shares (the report, the registry entry, graph helpers and the
+epilogue :func:`finish`); it imports no pass. The passes live one concept per module
+(``legalize``, ``channels``, ``swaps``, ``exact``), :mod:`omnic.passes.registry` lists them and
+:mod:`omnic.passes.runner` applies them by name.
+
 Every pass copies its input first (like ``torch.fx.experimental.optimization.fuse(inplace=False)``)
 so a caller can try a rewrite, measure it, and throw it away without having touched the graph it
 started from. Passes record which nodes they changed and why they apply to the device, so the
@@ -13,7 +18,8 @@ residual adds), which the rewriter's call_module matching (by target name) canno
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -21,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from omnic.core.errors import OmnicError, PassError
+from omnic.core.errors import PassError
 from omnic.core.targets import DeviceSpec
 
 #: ``gm.meta`` key under which :func:`omnic.passes.adapt.adapt` leaves the example inputs, so
@@ -62,7 +68,7 @@ PassFn = Callable[[fx.GraphModule, DeviceSpec], "tuple[fx.GraphModule, PassRepor
 
 @dataclass(frozen=True, kw_only=True)
 class PassInfo:
-    """A registered pass.
+    """A registered pass (the table is :data:`omnic.passes.registry.PASSES`).
 
     Attributes:
         name: Name used in reports, ``passes=`` arguments and the CLI.
@@ -76,35 +82,6 @@ class PassInfo:
     fn: PassFn
     exact: bool
     required: bool = False
-
-
-_REGISTRY: dict[str, PassInfo] = {}
-
-
-def register_pass(name: str, *, exact: bool, required: bool = False) -> Callable[[PassFn], PassFn]:
-    """Decorator: add a pass function to the registry (order of registration = default order)."""
-
-    def deco(fn: PassFn) -> PassFn:
-        _REGISTRY[name] = PassInfo(name=name, fn=fn, exact=exact, required=required)
-        fn.pass_name = name  # type: ignore[attr-defined]
-        return fn
-
-    return deco
-
-
-def registered_passes() -> dict[str, PassInfo]:
-    """Every registered pass, in default order."""
-    # Importing the pass modules registers them; done here so callers need one import.
-    from omnic.passes import device, exact  # noqa: F401
-
-    return dict(_REGISTRY)
-
-
-def get_pass(name: str) -> PassInfo:
-    passes = registered_passes()
-    if name not in passes:
-        raise PassError(f"unknown pass {name!r}; known passes: {', '.join(passes)}")
-    return passes[name]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -156,16 +133,27 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The device-table name of what ``node`` computes (``nn.AdaptiveMaxPool2d`` ->
+    ``adaptive_max_pool2d``, ``F.gelu`` -> ``gelu``), or None for placeholders/outputs."""
+    if node.op == "call_module":
+        cls = type(module_of(gm, node)).__name__
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls).lower()
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target)).lstrip("_")
+    if node.op == "call_method":
+        return str(node.target)
+    return None
+
+
+def pair(value: Any) -> tuple[Any, Any]:
+    """``value`` as ``(h, w)``: a pooling or kernel size given as one number or a pair."""
+    return (value, value) if not isinstance(value, (tuple, list)) else (value[0], value[1])
+
+
 def call_sites(gm: fx.GraphModule, target: str) -> int:
     """How many ``call_module`` nodes call the submodule ``target`` (shared modules are left alone)."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
-
-
-def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``target``."""
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, leaf, module)
 
 
 def add_module(gm: fx.GraphModule, hint: str, module: nn.Module) -> str:
@@ -179,52 +167,22 @@ def add_module(gm: fx.GraphModule, hint: str, module: nn.Module) -> str:
     return name
 
 
+def replace_node(gm: fx.GraphModule, node: fx.Node, new: fx.Node, changed: list[str]) -> None:
+    """Route every use of ``node`` to ``new``, erase ``node`` and record its name in ``changed``."""
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    changed.append(node.name)
+
+
+def finish(gm: fx.GraphModule, name: str, changed: Sequence[str], *, exact: bool, why: str,
+           notes: Iterable[str] = ()) -> tuple[fx.GraphModule, PassReport]:
+    """The epilogue of a pass that rewrote ``gm`` (its own copy): refresh the recorded shapes
+    so the next pass sees them, and report the nodes in ``changed``."""
+    refresh_shapes(gm)
+    return gm, PassReport(name=name, nodes_changed=tuple(changed), exact=exact, why=why, notes=tuple(notes))
+
+
 def unchanged(gm: fx.GraphModule, name: str, *, exact: bool, why: str,
               notes: Iterable[str] = ()) -> tuple[fx.GraphModule, PassReport]:
     """The result of a pass that does not apply: a copy of the input and an empty report."""
     return copy_graph_module(gm), PassReport(name=name, exact=exact, why=why, notes=tuple(notes))
-
-
-# ------------------------------------------------------------------------------------- runner
-@dataclass(frozen=True, kw_only=True)
-class PassRun:
-    """The result of :func:`run_passes`: the rewritten graph and one report per pass."""
-
-    gm: fx.GraphModule
-    reports: tuple[PassReport, ...] = field(default_factory=tuple)
-
-
-def run_passes(gm: fx.GraphModule, spec: DeviceSpec, passes: Sequence[str | PassFn]) -> PassRun:
-    """Apply ``passes`` in order.
-
-    Args:
-        gm: A traced graph (shapes recorded); it is not modified.
-        spec: The device the passes adapt to.
-        passes: Pass names (see :func:`registered_passes`) or pass functions.
-
-    Returns:
-        The final graph and the reports, in order.
-
-    Raises:
-        PassError: A pass raised; the message names it and the passes that ran before it.
-            Typed omnic errors from a pass (an operator no pass can legalise) keep their type.
-    """
-    done: list[str] = []
-    reports: list[PassReport] = []
-    current = gm
-    for item in passes:
-        fn = get_pass(item).fn if isinstance(item, str) else item
-        name = item if isinstance(item, str) else getattr(item, "pass_name", getattr(item, "__name__", "pass"))
-        try:
-            current, report = fn(current, spec)
-            current.graph.lint()
-        except OmnicError as exc:
-            if isinstance(exc, PassError) or type(exc) is OmnicError:
-                raise PassError(f"pass {name!r} failed (after {done or 'no passes'}): {exc}") from exc
-            raise  # already typed and actionable (UnsupportedOperatorError...)
-        except Exception as exc:  # noqa: BLE001 - any bug in a pass is reported with its context
-            raise PassError(f"pass {name!r} failed (after {done or 'no passes'}): "
-                            f"{type(exc).__name__}: {exc}") from exc
-        reports.append(report)
-        done.append(name)
-    return PassRun(gm=current, reports=tuple(reports))

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from omnic.passes.base import (PassReport, call_sites, copy_graph_module, module_of, refresh_shapes,
-                               register_pass, set_module, shape_of)
 from omnic.core.targets import DeviceSpec
+from omnic.passes.base import PassReport, call_sites, copy_graph_module, finish, module_of, pair, replace_node, shape_of
 
 _ALL_DEVICES = "exact on every device"
 
@@ -27,7 +26,6 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-@register_pass("fold_batchnorm", exact=True)
 def fold_batchnorm(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule, PassReport]:
     """Fold eval-mode BatchNorm into the conv or linear layer that feeds it.
 
@@ -50,13 +48,10 @@ def fold_batchnorm(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule
             fused = fuse_linear_bn_eval(prod, bn)
         else:
             continue
-        set_module(gm, str(src.target), fused)
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        changed.append(node.name)
-    refresh_shapes(gm)
-    return gm, PassReport(name="fold_batchnorm", nodes_changed=tuple(changed), exact=True,
-                          why=f"{_ALL_DEVICES}: one conv instead of a conv and a per-channel affine")
+        gm.set_submodule(str(src.target), fused)
+        replace_node(gm, node, src, changed)
+    return finish(gm, "fold_batchnorm", changed, exact=True,
+                  why=f"{_ALL_DEVICES}: one conv instead of a conv and a per-channel affine")
 
 
 # ------------------------------------------------------------------------------ no-op removal
@@ -103,7 +98,6 @@ def _noop_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
-@register_pass("remove_noops", exact=True)
 def remove_noops(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule, PassReport]:
     """Remove dropout (eval), ``nn.Identity``, ``contiguous()``, reshapes/views/flattens that keep
     the shape, identity permutes/transposes and ``x * 1`` / ``x + 0``.
@@ -119,12 +113,9 @@ def remove_noops(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule, 
         src = _noop_input(gm, node)
         if src is None:
             continue
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        changed.append(node.name)
-    refresh_shapes(gm)
-    return gm, PassReport(name="remove_noops", nodes_changed=tuple(changed), exact=True,
-                          why=f"{_ALL_DEVICES}: fewer graph nodes, no work removed from the outputs")
+        replace_node(gm, node, src, changed)
+    return finish(gm, "remove_noops", changed, exact=True,
+                  why=f"{_ALL_DEVICES}: fewer graph nodes, no work removed from the outputs")
 
 
 # -------------------------------------------------------------------------- pointwise algebra
@@ -162,7 +153,6 @@ def _affine(node: fx.Node) -> tuple[fx.Node, float, float] | None:
     return None
 
 
-@register_pass("fuse_pointwise", exact=True)
 def fuse_pointwise(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule, PassReport]:
     """Collapse chains of scalar multiply/add/subtract/divide, and fold them into a preceding
     conv or linear layer where there is one.
@@ -219,18 +209,12 @@ def fuse_pointwise(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule
             gm.graph.erase_node(dead)
             erased.add(dead.name)
         changed.extend(n.name for n in chain)
-    refresh_shapes(gm)
-    return gm, PassReport(name="fuse_pointwise", nodes_changed=tuple(changed), exact=True,
-                          why=f"{_ALL_DEVICES}: TVM fuses elementwise kernels but keeps every "
-                              "multiply/add; composing them (or folding into the conv) removes work")
+    return finish(gm, "fuse_pointwise", changed, exact=True,
+                  why=f"{_ALL_DEVICES}: TVM fuses elementwise kernels but keeps every "
+                      "multiply/add; composing them (or folding into the conv) removes work")
 
 
 # ------------------------------------------------------------------------ adaptive avg pooling
-def _pair(v: Any) -> tuple[Any, Any]:
-    return (v, v) if not isinstance(v, (tuple, list)) else (v[0], v[1])
-
-
-@register_pass("adaptive_pool_to_mean", exact=True)
 def adaptive_pool_to_mean(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.GraphModule, PassReport]:
     """``AdaptiveAvgPool2d(1)`` -> ``mean(dim=(-2, -1), keepdim=True)``; ``AdaptiveAvgPool2d(k)``
     with the input size a multiple of ``k`` -> ``avg_pool2d`` with a fixed window (both exact).
@@ -254,7 +238,7 @@ def adaptive_pool_to_mean(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.Grap
         if shape is None or len(shape) < 3:
             continue
         h, w = shape[-2:]
-        oh, ow = _pair(out_size)
+        oh, ow = pair(out_size)
         oh, ow = oh or h, ow or w
         with gm.graph.inserting_after(node):
             if (oh, ow) == (1, 1):
@@ -267,10 +251,6 @@ def adaptive_pool_to_mean(gm: fx.GraphModule, spec: DeviceSpec) -> tuple[fx.Grap
             else:
                 notes.append(f"{node.name}: {h}x{w} -> {oh}x{ow} has unequal windows; left alone")
                 continue
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        changed.append(node.name)
-    refresh_shapes(gm)
-    return gm, PassReport(name="adaptive_pool_to_mean", nodes_changed=tuple(changed), exact=True,
-                          why=f"{_ALL_DEVICES}: a fixed-window mean instead of the generic adaptive kernel",
-                          notes=tuple(notes))
+        replace_node(gm, node, new, changed)
+    return finish(gm, "adaptive_pool_to_mean", changed, exact=True,
+                  why=f"{_ALL_DEVICES}: a fixed-window mean instead of the generic adaptive kernel", notes=notes)
