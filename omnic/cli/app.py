@@ -19,7 +19,7 @@ _PLUGINS = (
     "omnic.oracle.predictor",
     "omnic.passes.adapt",
     "omnic.cli.search",
-    "omnic.examples.demo",
+    "omnic.cli.demo",
     "omnic.compile.tuning",
 )
 
