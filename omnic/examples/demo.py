@@ -29,9 +29,9 @@ class DemoConfig:
         width: Base width of the residual CNN.
         epochs: Training epochs of the base model.
         lr: Peak SGD learning rate of the base model.
+        budgets: Latency budgets as fractions of the base model's measured latency.
         supernet_epochs: Sandwich-rule epochs of the AutoNAS supernet.
         finetune_epochs: Fine-tuning epochs after FastNAS pruning.
-        budgets: Latency budgets as fractions of the base model's measured latency.
         measurements: Exact oracle measurements each AutoNAS search may ask for.
         tuning_trials: MetaSchedule trials for the base and result models (0: untuned kernels).
         threads: Threads for TVM, PyTorch and ONNX Runtime alike.
@@ -43,9 +43,9 @@ class DemoConfig:
     width: int = 16
     epochs: int = 6
     lr: float = 0.05
+    budgets: tuple[float, ...] = (0.8, 0.6)
     supernet_epochs: int = 4
     finetune_epochs: int = 1
-    budgets: tuple[float, ...] = (0.8, 0.6)
     measurements: int = 10
     tuning_trials: int = 0
     threads: int | None = None
