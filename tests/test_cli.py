@@ -55,3 +55,15 @@ def test_onnx_path_and_errors(capsys, tmp_path):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "omnic.cli", "devices"], capture_output=True, text=True)
     assert out.returncode == 0 and "host" in out.stdout
+
+
+def test_demo_command_maps_its_flags_onto_the_demo_config(monkeypatch, capsys):
+    from omnic.cli import demo as demo_cli
+
+    seen = []
+    monkeypatch.setattr(demo_cli, "run_demo", seen.append)
+    code, _, _ = run_cli(capsys, "demo", "--quick", "--out", "somewhere", "--threads", "2")
+    assert code == 0 and len(seen) == 1
+    cfg = seen[0]
+    assert cfg.out_dir == "somewhere" and cfg.threads == 2 and cfg.tuning_trials == 0
+    assert (cfg.width, cfg.budgets) == (demo_cli.QUICK["width"], demo_cli.QUICK["budgets"])

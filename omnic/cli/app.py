@@ -19,7 +19,7 @@ _PLUGINS = (
     "omnic.cli.predictor",
     "omnic.cli.adapt",
     "omnic.cli.search",
-    "omnic.examples.demo",
+    "omnic.cli.demo",
     "omnic.compile.tuning",
 )
 

@@ -1,14 +1,14 @@
-"""`omnic demo`: the main job end to end on this machine, with a report folder.
+"""The main job end to end on this machine, with a report folder.
 
 Trains a small residual CNN on the real ``digits`` images, measures its compiled latency and
 profile, adapts it, runs FastNAS and AutoNAS for two latency budgets, compiles and measures every
 result, compares each with PyTorch eager and ONNX Runtime, and writes Markdown, JSON and a Pareto
 plot. A second run reuses the trained weights, the tuning database and the latency store, and
-says so.
+says so. The ``omnic demo`` command (``omnic/cli/demo.py``) only maps its flags onto
+:class:`DemoConfig`; this module never imports the command line.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -29,9 +29,9 @@ class DemoConfig:
         width: Base width of the residual CNN.
         epochs: Training epochs of the base model.
         lr: Peak SGD learning rate of the base model.
+        budgets: Latency budgets as fractions of the base model's measured latency.
         supernet_epochs: Sandwich-rule epochs of the AutoNAS supernet.
         finetune_epochs: Fine-tuning epochs after FastNAS pruning.
-        budgets: Latency budgets as fractions of the base model's measured latency.
         measurements: Exact oracle measurements each AutoNAS search may ask for.
         tuning_trials: MetaSchedule trials for the base and result models (0: untuned kernels).
         threads: Threads for TVM, PyTorch and ONNX Runtime alike.
@@ -43,9 +43,9 @@ class DemoConfig:
     width: int = 16
     epochs: int = 6
     lr: float = 0.05
+    budgets: tuple[float, ...] = (0.8, 0.6)
     supernet_epochs: int = 4
     finetune_epochs: int = 1
-    budgets: tuple[float, ...] = (0.8, 0.6)
     measurements: int = 10
     tuning_trials: int = 0
     threads: int | None = None
@@ -262,19 +262,3 @@ def _markdown(report: dict[str, Any]) -> str:
               "", "![pareto](pareto.png)", ""]
     return "\n".join(lines)
 
-
-def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="the main job end to end on this machine, with a report folder")
-    p.add_argument("--out", default="omnic-report")
-    p.add_argument("--trials", type=int, default=0, help="MetaSchedule trials (0: untuned kernels)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--quick", action="store_true", help="tiny budgets (for tests)")
-
-    def run(args: argparse.Namespace) -> int:
-        cfg = DemoConfig(out_dir=args.out, tuning_trials=args.trials, threads=args.threads)
-        if args.quick:
-            cfg = dataclasses.replace(cfg, **QUICK)
-        run_demo(cfg)
-        return 0
-
-    p.set_defaults(func=run)
