@@ -29,14 +29,17 @@ def omnimize(model: Any, mode: str = "autonas", example_inputs: Any = None, **kw
     return _omnimize(model, mode=mode, example_inputs=example_inputs, **kwargs)
 
 
-def search(omni_model: Any, constraints: Any, deployment: Any = None, score_fn: Any = None, **kwargs: Any):
+def search(omni_model: Any, constraints: Any, deployment: Any = None, score_fn: Any = None, *,
+           oracle: Any = None, **kwargs: Any):
     """Find the best subnet that meets ``constraints`` on the deployment's device.
 
-    See :func:`omnic.search.api.search`.
+    See :func:`omnic.search.api.search`; ``oracle`` defaults to :func:`omnic.oracle.default_oracle`.
     """
+    from omnic.oracle import default_oracle
     from omnic.search.api import search as _search
 
-    return _search(omni_model, constraints, deployment=deployment, score_fn=score_fn, **kwargs)
+    return _search(omni_model, constraints, deployment=deployment, score_fn=score_fn,
+                   oracle=default_oracle() if oracle is None else oracle, **kwargs)
 
 
 def train_supernet(*args: Any, **kwargs: Any):

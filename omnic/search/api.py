@@ -9,10 +9,14 @@ from torch import nn
 
 from omnic.core.deployment import Deployment
 from omnic.core.errors import SearchError
-from omnic.search.autonas import Constraints, SearchConfig, Searcher, random_search
+from omnic.search.autonas import SearchConfig
+from omnic.search.channels import sort_channels
 from omnic.search.convert import ConvertConfig, convert
-from omnic.search.fastnas import FastNASConfig, fastnas_search, sort_channels
+from omnic.search.fastnas import FastNASConfig
 from omnic.search.result import MultiSearchResult, SearchResult
+from omnic.search.sampling import RandomStrategy  # noqa: F401  registers the "random" strategy
+from omnic.search.searcher import Constraints, Searcher
+from omnic.search.strategy import OracleLike, config_class, create
 from omnic.search.supernet import OmniModel
 
 
@@ -62,7 +66,7 @@ def _deployments(deployment: Any) -> list[Deployment]:
 
 def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
            score_fn: Callable[[nn.Module], float] | None = None, *, mode: str | None = None,
-           config: SearchConfig | FastNASConfig | None = None, oracle: Any = None,
+           config: SearchConfig | FastNASConfig | None = None, oracle: OracleLike | None = None,
            calib_loader: Iterable | None = None, checkpoint_dir: str | Path | None = None,
            progress: bool = False, **overrides: Any) -> SearchResult | MultiSearchResult:
     """Find the best subnet that meets ``constraints`` on the deployment's device.
@@ -78,7 +82,8 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
             how the model was omnimized.
         config: :class:`SearchConfig` (autonas/random) or :class:`FastNASConfig`; keyword
             ``overrides`` replace its fields (``population=8, seed=1``...).
-        oracle: The exact latency oracle (default: :func:`omnic.oracle.default_oracle`).
+        oracle: The exact latency oracle (:func:`omnic.nas.search` passes
+            :func:`omnic.oracle.default_oracle` when none is given).
         calib_loader: Batches for BatchNorm recalibration of each candidate before scoring (its
             first ``calib_batches`` batches are used; pass an unshuffled loader for searches that
             reproduce and resume exactly).
@@ -99,10 +104,10 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
     if score_fn is None:
         raise SearchError("search needs a score_fn(model) -> float (higher is better), e.g. validation accuracy")
     if oracle is None:
-        from omnic.oracle import default_oracle
-
-        oracle = default_oracle()
+        raise SearchError("search needs the latency oracle that measures candidates (omnic.nas.search "
+                          "passes the default one)")
     mode = mode or ("fastnas" if omni_model.mode == "fastnas" else "autonas")
+    settings = _settings(mode, config, overrides, checkpoint_dir)
     deps = _deployments(deployment)
     per_device = isinstance(constraints, Mapping) and constraints and \
         all(isinstance(v, Mapping) or k not in ("latency", "params", "flops", "memory")
@@ -113,29 +118,25 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
         if cons_raw is None:
             raise SearchError(f"no constraints given for device {dep.device!r}")
         cons = Constraints.coerce(cons_raw)
-        if mode == "fastnas":
-            if cons.latency is None:
-                raise SearchError("FastNAS needs a latency constraint (ms)")
-            cfg = config if isinstance(config, FastNASConfig) else FastNASConfig()
-            cfg = dataclasses.replace(cfg, **overrides)
-            if checkpoint_dir is not None:
-                cfg = dataclasses.replace(cfg, checkpoint_dir=str(checkpoint_dir))
-            res = fastnas_search(omni_model, cons, dep, score_fn, oracle=oracle, config=cfg,
-                                 calib_loader=calib_loader, progress=progress)
-        elif mode in ("autonas", "random"):
-            cfg = config if isinstance(config, SearchConfig) else SearchConfig()
-            cfg = dataclasses.replace(cfg, **overrides)
-            if mode == "random":
-                res = random_search(omni_model, cons, dep, score_fn, oracle=oracle, measurements=cfg.max_measurements,
-                                    seed=cfg.seed, calib_loader=calib_loader, calib_batches=cfg.calib_batches)
-            else:
-                ckpt = Path(checkpoint_dir) / f"autonas-{dep.device}-{dep.precision}.json" if checkpoint_dir else None
-                res = Searcher(omni_model, cons, dep, score_fn, oracle, cfg, calib_loader=calib_loader,
-                               checkpoint=ckpt, progress=progress).run()
-        else:
-            raise SearchError(f"unknown search mode {mode!r}; use 'autonas', 'random' or 'fastnas'")
+        if mode == "fastnas" and cons.latency is None:
+            raise SearchError("FastNAS needs a latency constraint (ms)")
+        strategy = create(mode, omni_model, settings)
+        ckpt = Path(checkpoint_dir) / f"{mode}-{dep.device}-{dep.precision}.json" \
+            if checkpoint_dir and strategy.resumable else None
+        res = Searcher(omni_model, cons, dep, score_fn, oracle, strategy=strategy, calib_loader=calib_loader,
+                       checkpoint=ckpt, progress=progress).run()
         name = dep.device
         if name in results:  # the same device twice (e.g. two thread counts): keep both
             name = f"{dep.device}:{dep.precision}:threads={dep.threads}"
         results[name] = res
     return results if len(deps) > 1 else next(iter(results.values()))
+
+
+def _settings(mode: str, config: Any, overrides: Mapping[str, Any], checkpoint_dir: str | Path | None) -> Any:
+    """The strategy's settings: ``config`` when it is of the mode's class (else the defaults),
+    with ``overrides`` (and FastNAS's sensitivity map kept in ``checkpoint_dir``)."""
+    cls = config_class(mode)
+    cfg = dataclasses.replace(config if isinstance(config, cls) else cls(), **overrides)
+    if cls is FastNASConfig and checkpoint_dir is not None:
+        cfg = dataclasses.replace(cfg, checkpoint_dir=str(checkpoint_dir))
+    return cfg
