@@ -205,3 +205,15 @@ def test_impossible_constraint_raises_infeasible_in_every_mode(small_supernet, m
     with pytest.raises(InfeasibleConstraintError):
         nas.search(small_supernet, {"flops": 1e12}, "host", score, oracle=FailingOracle(), mode=mode,
                    max_measurements=4, population=4, parents=2, generations=1, seed=0)
+
+
+def test_strategy_factory(small_supernet):
+    from omnic.search import FastNASStrategy, RandomStrategy, create_strategy
+
+    assert isinstance(create_strategy("autonas", small_supernet, SearchConfig()), EvolutionStrategy)
+    assert isinstance(create_strategy("random", small_supernet, SearchConfig(seed=2)), RandomStrategy)
+    with pytest.raises(SearchError, match="mode='fastnas'"):  # an autonas supernet cannot be pruned
+        create_strategy("fastnas", small_supernet, None)
+    assert FastNASStrategy.kind == "fastnas"
+    with pytest.raises(SearchError, match="unknown search mode"):
+        create_strategy("genetic", small_supernet, SearchConfig())
