@@ -80,7 +80,7 @@ def bench_digits() -> dict:
     import torch
 
     from omnic import engine
-    from omnic.examples.precision import digits_data, evaluate, train_digits_cnn
+    from omnic.examples.digits import digits_data, evaluate, train_digits_cnn
 
     data = digits_data()
     t0 = time.perf_counter()

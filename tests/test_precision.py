@@ -11,7 +11,7 @@ import omnic.core.ir
 from omnic import engine
 from omnic.compile import compiler
 from omnic.compile import quantize
-from omnic.examples.precision import digits_data, evaluate, train_digits_cnn
+from omnic.examples.digits import digits_data, evaluate, train_digits_cnn
 
 
 def _clip_model():

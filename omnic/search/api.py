@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 from torch import nn
 
 from omnic.core.deployment import Deployment
 from omnic.core.errors import SearchError
-from omnic.search.autonas import Constraints, SearchConfig, Searcher, random_search
+from omnic.core.measure import Oracle
+from omnic.search.autonas import SearchConfig
+from omnic.search.channels import sort_channels
 from omnic.search.convert import ConvertConfig, convert
-from omnic.search.fastnas import FastNASConfig, fastnas_search, sort_channels
+from omnic.search.fastnas import FastNASConfig
 from omnic.search.result import MultiSearchResult, SearchResult
+from omnic.search.sampling import RandomStrategy  # noqa: F401  registers the "random" strategy
+from omnic.search.searcher import Constraints, Searcher
+from omnic.search.strategy import config_class, create
 from omnic.search.supernet import OmniModel
 
 
@@ -62,7 +67,7 @@ def _deployments(deployment: Any) -> list[Deployment]:
 
 def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
            score_fn: Callable[[nn.Module], float] | None = None, *, mode: str | None = None,
-           config: SearchConfig | FastNASConfig | None = None, oracle: Any = None,
+           config: SearchConfig | FastNASConfig | None = None, oracle: Oracle | None = None,
            calib_loader: Iterable | None = None, checkpoint_dir: str | Path | None = None,
            progress: bool = False, **overrides: Any) -> SearchResult | MultiSearchResult:
     """Find the best subnet that meets ``constraints`` on the deployment's device.
@@ -98,7 +103,11 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
         raise SearchError("search needs a supernet from nas.omnimize(model, ...)")
     if score_fn is None:
         raise SearchError("search needs a score_fn(model) -> float (higher is better), e.g. validation accuracy")
+    if oracle is None:
+        raise SearchError("search needs the latency oracle that measures candidates (omnic.nas.search "
+                          "passes the default one)")
     mode = mode or ("fastnas" if omni_model.mode == "fastnas" else "autonas")
+    settings = _settings(mode, config, overrides, checkpoint_dir)
     deps = _deployments(deployment)
     per_device = isinstance(constraints, Mapping) and constraints and \
         all(isinstance(v, Mapping) or k not in ("latency", "params", "flops", "memory")
@@ -109,29 +118,25 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
         if cons_raw is None:
             raise SearchError(f"no constraints given for device {dep.device!r}")
         cons = Constraints.coerce(cons_raw)
-        if mode == "fastnas":
-            if cons.latency is None:
-                raise SearchError("FastNAS needs a latency constraint (ms)")
-            cfg = config if isinstance(config, FastNASConfig) else FastNASConfig()
-            cfg = dataclasses.replace(cfg, **overrides)
-            if checkpoint_dir is not None:
-                cfg = dataclasses.replace(cfg, checkpoint_dir=str(checkpoint_dir))
-            res = fastnas_search(omni_model, cons, dep, score_fn, oracle=oracle, config=cfg,
-                                 calib_loader=calib_loader, progress=progress)
-        elif mode in ("autonas", "random"):
-            cfg = config if isinstance(config, SearchConfig) else SearchConfig()
-            cfg = dataclasses.replace(cfg, **overrides)
-            if mode == "random":
-                res = random_search(omni_model, cons, dep, score_fn, oracle=oracle, measurements=cfg.max_measurements,
-                                    seed=cfg.seed, calib_loader=calib_loader, calib_batches=cfg.calib_batches)
-            else:
-                ckpt = Path(checkpoint_dir) / f"autonas-{dep.device}-{dep.precision}.json" if checkpoint_dir else None
-                res = Searcher(omni_model, cons, dep, score_fn, oracle, cfg, calib_loader=calib_loader,
-                               checkpoint=ckpt, progress=progress).run()
-        else:
-            raise SearchError(f"unknown search mode {mode!r}; use 'autonas', 'random' or 'fastnas'")
+        if mode == "fastnas" and cons.latency is None:
+            raise SearchError("FastNAS needs a latency constraint (ms)")
+        strategy = create(mode, omni_model, settings)
+        ckpt = Path(checkpoint_dir) / f"{mode}-{dep.device}-{dep.precision}.json" \
+            if checkpoint_dir and strategy.resumable else None
+        res = Searcher(omni_model, cons, dep, score_fn, oracle, strategy=strategy, calib_loader=calib_loader,
+                       checkpoint=ckpt, progress=progress).run()
         name = dep.device
         if name in results:  # the same device twice (e.g. two thread counts): keep both
             name = f"{dep.device}:{dep.precision}:threads={dep.threads}"
         results[name] = res
     return results if len(deps) > 1 else next(iter(results.values()))
+
+
+def _settings(mode: str, config: Any, overrides: Mapping[str, Any], checkpoint_dir: str | Path | None) -> Any:
+    """The strategy's settings: ``config`` when it is of the mode's class (else the defaults),
+    with ``overrides`` (and FastNAS's sensitivity map kept in ``checkpoint_dir``)."""
+    cls = config_class(mode)
+    cfg = dataclasses.replace(config if isinstance(config, cls) else cls(), **overrides)
+    if cls is FastNASConfig and checkpoint_dir is not None:
+        cfg = dataclasses.replace(cfg, checkpoint_dir=str(checkpoint_dir))
+    return cfg

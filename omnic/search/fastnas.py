@@ -1,12 +1,11 @@
 """FastNAS: prune a trained model to a measured latency budget without supernet training.
 
-1. :func:`sort_channels` reorders every width group's channels by importance (BatchNorm scale,
-   or the producing layers' weight norms) consistently in every layer that touches them, so the
-   full-width output is unchanged and every narrower width keeps the most important channels.
+1. :func:`~omnic.search.channels.sort_channels` reorders every width group's channels by
+   importance, so every narrower width keeps the most important channels.
 2. :func:`fastnas_search` measures per-group sensitivity (score drop at each width, after BN
    recalibration on a few batches), checkpoints that map, then bisects on the allowed score
-   drop: each step's configuration is exported and measured by the exact oracle, and the widest
-   configuration measured within budget is returned.
+   drop (:class:`FastNASStrategy`): each step's configuration is exported and measured by the
+   exact oracle, and the widest configuration measured within budget is returned.
 """
 from __future__ import annotations
 
@@ -14,17 +13,24 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
-import torch
-
+from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
-from omnic.core.errors import InfeasibleConstraintError, SearchError
-from omnic.search.autonas import Constraints, OracleLike, _weights_fingerprint
-from omnic.search.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
+from omnic.core.errors import SearchError
+from omnic.core.measure import Oracle
+from omnic.search.autonas import SearchConfig
+from omnic.search.channels import channel_importance, sort_channels
 from omnic.search.result import SearchResult, pareto_front
+from omnic.search.searcher import Constraints, Searcher, weights_fingerprint
+from omnic.search.space import Config
+from omnic.search.strategy import Screen, Strategy
+from omnic.search.train import recalibrate_bn
+
+__all__ = ["FastNASConfig", "FastNASStrategy", "channel_importance", "config_for_drop", "fastnas_search",
+           "sensitivity_map", "sort_channels"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,96 +48,15 @@ class FastNASConfig:
     checkpoint_dir: str | None = None
 
 
-# --------------------------------------------------------------------------- channel sorting
-def channel_importance(omni_model: Any) -> dict[str, torch.Tensor]:
-    """Per width choice, one importance value per channel (higher = keep)."""
-    space = omni_model.space
-    imp: dict[str, torch.Tensor] = {}
-    from_bn: dict[str, bool] = {}
-
-    def add(name: str, offset: int, size: int, values: torch.Tensor, is_bn: bool) -> None:
-        values = values[offset:offset + size].detach().float()
-        values = values / (values.max() + 1e-12)  # each layer gets an equal vote
-        if is_bn and not from_bn.get(name):
-            imp[name] = torch.zeros(size)
-            from_bn[name] = True
-        if is_bn or not from_bn.get(name):
-            imp[name] = imp.get(name, torch.zeros(size)) + values
-
-    for m in omni_model.elastic_modules().values():
-        offset = 0
-        for name, size in m.out_segments:
-            if name in space.choices and space[name].kind == "width":
-                if isinstance(m, ElasticBatchNorm2d) and m.affine:
-                    add(name, offset, size, m.weight.abs(), True)
-                elif isinstance(m, (ElasticConv2d, ElasticLinear)) and getattr(m, "groups", 1) == 1:
-                    add(name, offset, size, m.weight.flatten(1).norm(dim=1), False)
-            offset += size
-    return imp
-
-
-def _perm_for(segments, perms: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    parts, offset, any_perm = [], 0, False
-    for name, size in segments:
-        if name in perms:
-            parts.append(perms[name] + offset)
-            any_perm = True
-        else:
-            parts.append(torch.arange(offset, offset + size))
-        offset += size
-    return torch.cat(parts) if any_perm else None
-
-
-@torch.no_grad()
-def sort_channels(omni_model: Any) -> dict[str, list[int]]:
-    """Reorder channels of every width group by importance, descending (outputs unchanged).
-
-    Groups with grouped convs wider than one channel per group keep their order (a permutation
-    across groups would change the function).
-
-    Returns:
-        The permutation applied per width choice.
-    """
-    groups = omni_model.groups
-    perms = {name: torch.argsort(v, descending=True, stable=True)
-             for name, v in channel_importance(omni_model).items()
-             if groups.get(name, {}).get("granularity", 1) == 1}
-    for m in omni_model.elastic_modules().values():
-        out_p = _perm_for(m.out_segments, perms)
-        in_p = _perm_for(m.in_segments, perms)
-        if isinstance(m, ElasticBatchNorm2d):
-            if out_p is None:
-                continue
-            for t in (m.weight, m.bias, m.running_mean, m.running_var):
-                if t is not None:
-                    t.copy_(t[out_p])
-        elif isinstance(m, (ElasticConv2d, ElasticLinear)):
-            w = m.weight
-            if out_p is not None:
-                w.copy_(w[out_p])
-                if m.bias is not None:
-                    m.bias.copy_(m.bias[out_p])
-            if in_p is not None and getattr(m, "groups", 1) == 1:
-                w.copy_(w[:, in_p])
-    return {k: v.tolist() for k, v in perms.items()}
-
-
-# --------------------------------------------------------------------------- search
-def _score(omni: Any, cfg: Mapping[str, Any], score_fn: Callable, loader: Iterable | None, batches: int) -> float:
-    from omnic.search.train import preserved_bn_stats, recalibrate_bn
-
-    with omni.active(cfg):
-        if loader is not None and batches > 0:
-            with preserved_bn_stats(omni):
-                recalibrate_bn(omni, loader, batches)
-                return float(score_fn(omni))
-        omni.eval()
-        return float(score_fn(omni))
-
-
-def sensitivity_map(omni: Any, score_fn: Callable, *, calib_loader: Iterable | None, config: FastNASConfig,
-                    path: Path | None = None, progress: bool = False) -> tuple[dict[str, Any], bool]:
+def sensitivity_map(space: Any, score: Callable[[Config], float], *, path: Path | None = None,
+                    progress: bool = False) -> tuple[dict[str, Any], bool]:
     """``{"base": score, "drops": {choice: {width: drop}}}``, loaded from ``path`` when present.
+
+    Args:
+        space: The supernet's (width-only) space.
+        score: Scores a configuration of ``space``.
+        path: The map's checkpoint file.
+        progress: Print one line per choice.
 
     Returns:
         The map and whether it was reused from the checkpoint.
@@ -142,16 +67,13 @@ def sensitivity_map(omni: Any, score_fn: Callable, *, calib_loader: Iterable | N
             return data, True
         except (OSError, json.JSONDecodeError):
             pass
-    space = omni.space
     full = space.max()
-    base = _score(omni, full, score_fn, calib_loader, config.calib_batches)
+    base = score(full)
     drops: dict[str, dict[str, float]] = {}
     for name, ch in space.choices.items():
         drops[name] = {str(ch.max): 0.0}
         for v in ch.values[:-1]:
-            cfg = dict(full)
-            cfg[name] = v
-            drops[name][str(v)] = base - _score(omni, cfg, score_fn, calib_loader, config.calib_batches)
+            drops[name][str(v)] = base - score({**full, name: v})
         if progress:
             print(f"[fastnas] sensitivity {name}: {drops[name]}", flush=True)
     data = {"base": base, "drops": drops}
@@ -172,8 +94,128 @@ def config_for_drop(space: Any, drops: Mapping[str, Mapping[str, float]], thresh
     return cfg
 
 
+def threshold_plan(space: Any, drops: Mapping[str, Mapping[str, float]]) -> list[dict[str, int]]:
+    """The distinct configurations of every allowed score drop, widest first, ending narrowest."""
+    thresholds = sorted({float(d) for g in drops.values() for d in g.values()} | {0.0})
+    cfgs: list[dict[str, int]] = []
+    for t in thresholds:
+        c = config_for_drop(space, drops, t)
+        if not cfgs or c != cfgs[-1]:
+            cfgs.append(c)
+    narrowest = space.min()
+    if cfgs[-1] != narrowest:
+        cfgs.append(narrowest)
+    return cfgs
+
+
+class FastNASStrategy(Strategy):
+    """Bisection over the threshold plan: the narrowest configuration is the searcher's anchor,
+    the widest is probed next, then each step halves the range between the widest known to fit
+    (``hi``) and the narrowest known not to (``lo``)."""
+
+    kind: ClassVar[str] = "fastnas"
+    scores_measured: ClassVar[bool] = False  # every measured point is scored at the end
+    config_type: ClassVar[type] = FastNASConfig
+
+    def __init__(self, omni_model: Any, config: FastNASConfig = FastNASConfig()):
+        if getattr(omni_model, "mode", None) != "fastnas":
+            raise SearchError("fastnas search needs a supernet from nas.omnimize(model, mode='fastnas')")
+        super().__init__(omni_model.space, omni_model.canonical)
+        self.omni = omni_model
+        self.config = config
+        self.plan: list[dict[str, int]] = []
+        self.lo = self.hi = self.steps = 0
+        self.probed = False
+        self.pending: str | None = None
+        self.sensitivity: dict[str, Any] = {}
+        self.sensitivity_reused = False
+        self.sensitivity_s = 0.0
+        self.sensitivity_path: Path | None = None
+
+    @classmethod
+    def from_config(cls, omni_model: Any, config: FastNASConfig) -> "FastNASStrategy":
+        return cls(omni_model, config)
+
+    @property
+    def search_config(self) -> SearchConfig:
+        return SearchConfig(max_measurements=self.config.max_steps + 2, generations=0,
+                            calib_batches=self.config.calib_batches)
+
+    def start(self, searcher: Any) -> None:
+        t0 = time.perf_counter()
+        fp = hashlib.sha256(json.dumps({"space": self.space.summary()["choices"],
+                                        "weights": weights_fingerprint(self.omni),
+                                        "calib": self.config.calib_batches}, sort_keys=True).encode()).hexdigest()[:16]
+        root = Path(self.config.checkpoint_dir) if self.config.checkpoint_dir else cache_root() / "fastnas"
+        self.sensitivity_path = root / f"sensitivity-{fp}.json"
+        self.sensitivity, self.sensitivity_reused = sensitivity_map(
+            self.space, searcher.score, path=self.sensitivity_path, progress=searcher.progress)
+        self.sensitivity_s = time.perf_counter() - t0
+        self.plan = threshold_plan(self.space, self.sensitivity["drops"])
+        self.lo, self.hi = 0, len(self.plan) - 1  # invariant: plan[hi] fits; everything before lo does not
+
+    def finished(self, searcher: Any) -> bool:
+        return self.probed and not (self.lo < self.hi and self.steps < self.config.max_steps)
+
+    def ask(self, screen: Screen) -> list[Config]:
+        if self.probed:
+            index = (self.lo + self.hi) // 2
+            self.steps += 1
+        else:
+            index = 0
+        self.pending = index
+        return [self.plan[index]]
+
+    def tell(self, cfg: Mapping[str, Any], *, score: float | None = None, feasible: bool | None = None) -> None:
+        # scores are not kept: the sensitivity map's candidates are never to be verified
+        if feasible is None or self.pending is None or self.space.key(cfg) != self.space.key(self.plan[self.pending]):
+            return
+        if not self.probed:
+            self.probed = True
+            if feasible:
+                self.hi = 0
+            else:
+                self.lo = 1
+        elif feasible:
+            self.hi = self.pending
+        else:
+            self.lo = self.pending + 1
+        self.pending = None
+
+    def best(self, searcher: Any) -> dict[str, Any]:
+        cfg = self.plan[self.hi]
+        return {"config": cfg, "latency_ms": float(searcher.measured[self.space.key(cfg)] or 0.0), "score": None}
+
+    def export(self, searcher: Any, best: Mapping[str, Any]) -> tuple[Any, float]:
+        # the pruned model is recalibrated as exported (no supernet statistics to restore)
+        model = self.omni.export(best["config"])
+        if searcher.calib_loader is not None and self.config.calib_batches > 0:
+            recalibrate_bn(model, searcher.calib_loader, self.config.calib_batches)
+        model.eval()
+        return model, float(searcher.score_fn(model))
+
+    def finish(self, searcher: Any, result: SearchResult) -> SearchResult:
+        best_key = self.space.key(result.config)
+        for p in result.points:
+            p["score"] = result.score if self.space.key(p["config"]) == best_key else searcher.score(p["config"])
+        result.pareto = pareto_front(result.points)
+        result.history = [{"step": i, "config": json.loads(k), "latency_ms": v}
+                          for i, (k, v) in enumerate(searcher.measured.items())]
+        result.scores = {"full": self.sensitivity["base"], "pruned": result.score}
+        result.info.update({"sensitivity_reused": self.sensitivity_reused,
+                            "sensitivity_s": round(self.sensitivity_s, 3), "threshold_steps": len(self.plan),
+                            "sensitivity_path": str(self.sensitivity_path)})
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lo": self.lo, "hi": self.hi, "steps": self.steps, "probed": self.probed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.lo, self.hi, self.steps, self.probed = state["lo"], state["hi"], state["steps"], state["probed"]
+
+
 def fastnas_search(omni: Any, constraints: Any, deployment: Any, score_fn: Callable[[Any], float], *,
-                   oracle: OracleLike, config: FastNASConfig = FastNASConfig(),
+                   oracle: Oracle, config: FastNASConfig = FastNASConfig(),
                    calib_loader: Iterable | None = None, progress: bool = False) -> SearchResult:
     """Prune ``omni`` (from ``omnimize(mode="fastnas")``) to the budget; see the module docstring.
 
@@ -181,95 +223,6 @@ def fastnas_search(omni: Any, constraints: Any, deployment: Any, score_fn: Calla
         InfeasibleConstraintError: Even the narrowest configuration measures over budget (carries
             its latency).
     """
-    from omnic.core.cache import cache_root
-    from omnic.search.train import recalibrate_bn
-
-    from omnic.search.train import fixed_batches
-
-    t0 = time.perf_counter()
-    calib_loader = fixed_batches(calib_loader, config.calib_batches)
-    if getattr(omni, "mode", None) != "fastnas":
-        raise SearchError("fastnas search needs a supernet from nas.omnimize(model, mode='fastnas')")
-    cons = Constraints.coerce(constraints)
-    dep = Deployment.coerce(deployment)
-    space = omni.space
-    fp = hashlib.sha256(json.dumps({"space": space.summary()["choices"], "weights": _weights_fingerprint(omni),
-                                    "calib": config.calib_batches}, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(config.checkpoint_dir) if config.checkpoint_dir else cache_root() / "fastnas"
-    sens, reused = sensitivity_map(omni, score_fn, calib_loader=calib_loader, config=config,
-                                   path=root / f"sensitivity-{fp}.json", progress=progress)
-    t_sens = time.perf_counter() - t0
-    drops = sens["drops"]
-    thresholds = sorted({float(d) for g in drops.values() for d in g.values()} | {0.0})
-    cfgs: list[dict[str, int]] = []
-    for t in thresholds:  # distinct configurations, widest first
-        c = config_for_drop(space, drops, t)
-        if not cfgs or c != cfgs[-1]:
-            cfgs.append(c)
-    narrowest = space.min()
-    if cfgs[-1] != narrowest:
-        cfgs.append(narrowest)
-    measured: dict[str, float | None] = {}
-    scores: dict[str, float] = {}
-    history: list[dict[str, Any]] = []
-    fresh = 0
-
-    def measure(c: Mapping[str, Any]) -> float | None:
-        nonlocal fresh
-        key = space.key(c)
-        if key not in measured:
-            m = oracle.measure(omni.export(c).eval(), dep, omni.example_input(c))
-            fresh += 0 if getattr(m, "cached", False) else 1
-            measured[key] = float(m.median_ms) if m.ok else None
-            history.append({"step": len(history), "config": dict(c), "latency_ms": measured[key]})
-            if progress:
-                print(f"[fastnas] measured {measured[key]} ms", flush=True)
-        return measured[key]
-
-    def fits(c: Mapping[str, Any]) -> bool:
-        lat = measure(c) if cons.latency is not None else 0.0
-        return lat is not None and (cons.latency is None or lat <= cons.latency) and cons.cost_ok(omni.cost(c))
-
-    lo, hi = 0, len(cfgs) - 1  # invariant: cfgs[hi] fits; everything before lo does not
-    if not fits(cfgs[hi]):
-        lats = [v for v in measured.values() if v is not None]
-        raise InfeasibleConstraintError(
-            f"no pruned model meets {cons.to_dict()} on {dep.device}: the smallest latency measured is "
-            f"{measured.get(space.key(cfgs[hi]))} ms (the narrowest widths); raise the budget or use a "
-            "smaller base model",
-            best_latency_ms=min(lats) if lats else None)
-    if fits(cfgs[0]):
-        hi = 0
-    else:
-        lo = 1
-    steps = 0
-    while lo < hi and steps < config.max_steps:
-        mid = (lo + hi) // 2
-        steps += 1
-        if fits(cfgs[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    best = cfgs[hi]
-    model = omni.export(best)
-    if calib_loader is not None and config.calib_batches > 0:
-        recalibrate_bn(model, calib_loader, config.calib_batches)
-    model.eval()
-    score = float(score_fn(model))
-    points = []
-    for key, lat in measured.items():
-        if lat is None:
-            continue
-        c = json.loads(key)
-        if key not in scores:
-            scores[key] = score if c == best else _score(omni, c, score_fn, calib_loader, config.calib_batches)
-        points.append({"config": c, "latency_ms": lat, "score": scores[key],
-                       "feasible": cons.latency is None or lat <= cons.latency})
-    return SearchResult(model=model, config=best, latency_ms=float(measured[space.key(best)] or 0.0), score=score,
-                        deployment=asdict(dep), constraints=cons.to_dict(), points=points,
-                        pareto=pareto_front(points), history=history, measurements=len(measured),
-                        wall_s=time.perf_counter() - t0, mode="fastnas", cost=omni.cost(best),
-                        scores={"full": sens["base"], "pruned": score},
-                        info={"sensitivity_reused": reused, "sensitivity_s": round(t_sens, 3),
-                              "fresh_measurements": fresh, "threshold_steps": len(cfgs),
-                              "sensitivity_path": str(root / f"sensitivity-{fp}.json")})
+    strategy = FastNASStrategy(omni, config)
+    return Searcher(omni, Constraints.coerce(constraints), Deployment.coerce(deployment), score_fn, oracle,
+                    strategy=strategy, calib_loader=calib_loader, progress=progress).run()

@@ -1,5 +1,8 @@
-"""The fast latency predictor used to screen candidates: a regressor over the architecture
+"""The search's own latency model used to screen candidates: a regressor over the architecture
 encoding, refitted to the exact measurements a search has made so far.
+
+(Not :class:`omnic.oracle.predictor.LatencyPredictor`, which predicts any graph's latency from its
+kernels; this one only interpolates between the subnets of one supernet.)
 
 Features are the subnet's exact FLOPs, params and memory estimate plus every choice normalised
 to [0, 1]. Ridge regression on log-latency is the default (few points, smooth); XGBoost is used
@@ -13,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 
-class LatencyPredictor:
+class ArchLatencyModel:
     """Predicts a configuration's latency (ms) from its encoding.
 
     Args:
@@ -29,7 +32,7 @@ class LatencyPredictor:
         self.mae_rel: float | None = None
         self._fallback: float | None = None
 
-    def fit(self, cfgs: Sequence[Mapping[str, Any]], latencies: Sequence[float]) -> "LatencyPredictor":
+    def fit(self, cfgs: Sequence[Mapping[str, Any]], latencies: Sequence[float]) -> "ArchLatencyModel":
         self.n = len(cfgs)
         if self.n == 0:
             self.model = None

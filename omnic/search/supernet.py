@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnic.core.errors import SearchError
-from omnic.search.elastic import (ELASTIC_TYPES, DepthGate, ElasticBatchNorm2d, ElasticConv2d,
-                                  ElasticLinear, export_module)
+from omnic.search.elastic import DepthGate, ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, export_module
 from omnic.search.space import Config, SearchSpace
 
 

@@ -177,3 +177,43 @@ def test_strategy_state_roundtrip(trained_supernet):
     b = EvolutionStrategy(omni.space, cfg)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert a.ask(lambda c: True) == b.ask(lambda c: True)
+
+
+class FailingOracle:
+    """Unit-test stand-in: every measurement fails (a subnet that does not build on the device)."""
+
+    def measure(self, model, deployment, example_inputs=None):
+        return Measurement(median_ms=None, error="RuntimeError: does not build")
+
+
+@pytest.fixture(scope="module")
+def small_supernet():
+    from omnic.examples.digits import DigitsResNet
+
+    torch.manual_seed(0)
+    return nas.omnimize(DigitsResNet(width=8), example_inputs=torch.randn(1, 1, 8, 8), divisor=4)
+
+
+@pytest.mark.parametrize("mode", ["random", "autonas"])
+def test_impossible_constraint_raises_infeasible_in_every_mode(small_supernet, mode):
+    score = lambda m: sum(small_supernet.space.encode(m.active_config))  # noqa: E731
+    # no subnet has a single parameter: the shared feasibility check stops the search
+    with pytest.raises(InfeasibleConstraintError):
+        nas.search(small_supernet, {"params": 1}, "host", score, oracle=FlopsOracle(), mode=mode,
+                   max_measurements=6, seed=0)
+    # nothing measures at all: no subnet is verified, so there is no result to return
+    with pytest.raises(InfeasibleConstraintError):
+        nas.search(small_supernet, {"flops": 1e12}, "host", score, oracle=FailingOracle(), mode=mode,
+                   max_measurements=4, population=4, parents=2, generations=1, seed=0)
+
+
+def test_strategy_factory(small_supernet):
+    from omnic.search import FastNASStrategy, RandomStrategy, create_strategy
+
+    assert isinstance(create_strategy("autonas", small_supernet, SearchConfig()), EvolutionStrategy)
+    assert isinstance(create_strategy("random", small_supernet, SearchConfig(seed=2)), RandomStrategy)
+    with pytest.raises(SearchError, match="mode='fastnas'"):  # an autonas supernet cannot be pruned
+        create_strategy("fastnas", small_supernet, None)
+    assert FastNASStrategy.kind == "fastnas"
+    with pytest.raises(SearchError, match="unknown search mode"):
+        create_strategy("genetic", small_supernet, SearchConfig())
