@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from omnic.core.cache import cache_root
 from omnic.compile import stack_align
-from omnic.compile.compiler import PIPELINE_REVISION
+from omnic.compile.pipeline import PIPELINE_REVISION
 from omnic.core.deployment import Deployment
 from omnic.core.ir import TracedModel, trace
 from omnic.core.measure import PROTOCOL_REVISION, MeasureConfig, Measurement
 from omnic.oracle.store import LatencyStore, StoreKey
-from omnic.core.targets import host_cpu_name
+from omnic.compile.target import host_cpu_name
 
 if TYPE_CHECKING:
     from omnic.remote.batch import BatchConfig

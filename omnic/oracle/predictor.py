@@ -1,6 +1,6 @@
 """A kernel-level latency predictor per device, learned from exact measurements.
 
-The fused kernels TVM emits are known at compile time: :func:`omnic.compile.compiler.prepare` returns the
+The fused kernels TVM emits are known at compile time: :func:`omnic.compile.pipeline.prepare` returns the
 fused Relax module whose ``call_tir`` PrimFuncs are exactly the kernels the VM will call. So the
 predictor never guesses fusion rules. For each PrimFunc it reads features from the TIR (op kind
 tokens from the name, FLOPs from the loop extents of the reduction block, bytes of inputs,
@@ -11,7 +11,7 @@ sum of the predicted kernels times their call counts, passed through a fitted li
 model ``a * sum + b * calls + c`` (VM dispatch, allocation, cache effects).
 
 Tuning state: the predictor describes the code ``engine.compile`` builds for a deployment with
-*no tuning database applied* (``compiler.build(prepared, spec, target, None)``). Tuned kernels
+*no tuning database applied* (``build.build(prepared, spec, target, None)``). Tuned kernels
 run at a different speed; a predictor for a tuned device needs samples collected from tuned
 builds, which is why the saved file records ``tuning_state``.
 
@@ -290,7 +290,7 @@ def kernel_features(prepared: Any) -> list[dict[str, Any]]:
     """The kernels of a prepared (fused) module: name, call count and features.
 
     Args:
-        prepared: The module :func:`omnic.compile.compiler.prepare` returns.
+        prepared: The module :func:`omnic.compile.pipeline.prepare` returns.
 
     Returns:
         One dict per distinct PrimFunc that ``main`` calls: ``{"name", "calls", "features"}``.
@@ -459,11 +459,12 @@ def samples_path(device: str) -> Path:
 
 
 def _prepare(traced: Any, deployment: Any):
-    from omnic.compile import compiler
+    from omnic.compile import frontend, pipeline
+    from omnic.compile.target import tvm_target
 
     spec = deployment.spec
-    target = spec.tvm_target(num_threads=deployment.threads)
-    return compiler.prepare(compiler.lower(traced), spec, target, deployment.precision), spec, target
+    target = tvm_target(spec, num_threads=deployment.threads)
+    return pipeline.prepare(frontend.lower(traced), spec, target, deployment.precision), spec, target
 
 
 def collect_sample(variant: Variant, deployment: Any = "host", *, runs: int = 15,
@@ -481,7 +482,7 @@ def collect_sample(variant: Variant, deployment: Any = "host", *, runs: int = 15
     Returns:
         A JSON-friendly sample (see :func:`load_samples`).
     """
-    from omnic.compile import compiler
+    from omnic.compile import build
     from omnic.core.deployment import Deployment
     from omnic.core.ir import trace
 
@@ -494,7 +495,7 @@ def collect_sample(variant: Variant, deployment: Any = "host", *, runs: int = 15
     prepared, spec, target = _prepare(traced, deployment)
     kernels = kernel_features(prepared)
     t1 = time.perf_counter()
-    executable, _ = compiler.build(prepared, spec, target, None)
+    executable, _ = build.build(prepared, spec, target, None)
     library = _library_path(deployment.device, variant.key)
     executable.export_library(str(library))  # a later session re-measures it without rebuilding
     t2 = time.perf_counter()
