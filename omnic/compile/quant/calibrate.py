@@ -72,14 +72,12 @@ class QuantConfig:
     @classmethod
     def coerce(cls, value: "QuantConfig | dict[str, Any] | str | None") -> "QuantConfig":
         """Accept a QuantConfig, a dict of its fields, a method name, or None (defaults)."""
-        if value is None:
-            return cls()
         if isinstance(value, QuantConfig):
             return value
-        if isinstance(value, str):
-            return cls(method=value)
-        if isinstance(value, dict):
-            return cls(**value)
+        if isinstance(value, (str, dict)):
+            return cls(method=value) if isinstance(value, str) else cls(**value)
+        if value is None:
+            return cls()
         raise QuantizationError(
             f"quantization must be a QuantConfig, a dict or a method name, got {type(value).__name__}")
 
