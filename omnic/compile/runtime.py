@@ -21,7 +21,6 @@ from omnic.compile.target import tvm_target
 from omnic.core.deployment import Deployment
 from omnic.core.errors import ArtifactError, DeviceUnreachableError, InputShapeError
 from omnic.core.measure import MeasureConfig, Measurement, time_vm
-from omnic.remote import rpc
 
 ARTIFACT_VERSION = 1
 
@@ -114,6 +113,8 @@ class DeviceModel:
     def runtime(self):
         if self._runtime is None:
             if self.deployment.is_remote:
+                from omnic.remote import rpc
+
                 self._runtime = rpc.RemoteRuntime(self.executable, self.deployment, module=self.module)
             elif self.deployment.spec.local:
                 self._runtime = LocalRuntime(self.executable)
