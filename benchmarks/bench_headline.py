@@ -82,12 +82,13 @@ def _budget_groups(model, x, marks: list[float], threads: int) -> list[list[floa
     import tempfile
 
     from omnic import Deployment, engine
-    from omnic.compile import compiler
+    from omnic.compile import frontend, pipeline
     from omnic.compile import winograd
+    from omnic.compile.target import tvm_target
 
     traced, deployment = engine._coerce(model, Deployment(device="host", threads=threads), x)
     spec = deployment.spec
-    prepared = compiler.prepare(compiler.lower(traced), spec, spec.tvm_target(num_threads=threads), "fp32",
+    prepared = pipeline.prepare(frontend.lower(traced), spec, tvm_target(spec, num_threads=threads), "fp32",
                                 winograd=True)
     if not winograd.count_convs(prepared):
         return [marks]

@@ -54,7 +54,7 @@ def machine_line() -> str:
     except (OSError, StopIteration):
         pass
     try:  # "AMD EPYC" names Zen 3, 4 and 5 alike, and this VM kind is any of them from run to run
-        from omnic.core.targets import host_cpu_name
+        from omnic.compile.target import host_cpu_name
 
         cpu += f" ({host_cpu_name()})"
     except Exception:  # noqa: BLE001 - the line is informative only

@@ -5,6 +5,7 @@ tunes (when the deployment asks for it), builds, and checks the compiled outputs
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -13,7 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from omnic.compile import build, frontend, pipeline, quant, tuning, winograd
+from omnic.compile.quant import Calibration
+from omnic.compile.report import CompileReport, QuantReport
 from omnic.compile.runtime import DeviceModel, attach_hint
+from omnic.compile.target import tvm_target
 from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
 from omnic.core.errors import DeviceUnreachableError
@@ -65,6 +70,41 @@ def relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> floa
     return worst
 
 
+def _quantize(traced: TracedModel, mod: Any, spec: Any, target: Any, calibration: Any, quantization: Any,
+              applies_db: bool) -> tuple[Any, Calibration | None, dict[str, Any]]:
+    """int8: calibrate (PyTorch models) or accept the model's own QDQ scales (ONNX), then prepare.
+
+    Returns:
+        ``(prepared module, calibration or None, the rewrite's report)``.
+    """
+    calib = None
+    if traced.source == "onnx":  # already quantized (QDQ) by its exporter: nothing to calibrate
+        quant.require_onnx_qdq(traced.onnx_path)
+    else:
+        calib = quant.calibrate(traced, traced.example_inputs if calibration is None else calibration,
+                                quant.QuantConfig.coerce(quantization),
+                                source="example_inputs" if calibration is None else "calibration")
+    q_report: dict[str, Any] = {}
+    prepared = pipeline.prepare(mod, spec, target, "int8", quantization=calib or quant.ONNX_QDQ,
+                                quant_report=q_report)
+    if q_report.get("dot_product_packed_convs") and q_report.get("dot_product") == "vpdpbusd" and applies_db:
+        # tuning tensorizes the packed convs with VNNI, and applying such records replays the
+        # intrinsic by name: both need it registered (and fixed for LLVM 22) in this process
+        quant.register_vnni_intrinsic()
+    return prepared, calib, q_report
+
+
+def _quant_report(dm: DeviceModel, calib: Calibration | None, q_report: dict[str, Any],
+                  check_accuracy: bool) -> QuantReport:
+    summary = calib.summary() if calib is not None else {"source": "onnx-qdq", "integer": False}
+    checked = calib is not None and check_accuracy
+    return QuantReport(calibration=summary, layers=tuple(q_report.get("layers", [])),
+                       dot_product=q_report.get("dot_product"),
+                       dot_product_packed_convs=q_report.get("dot_product_packed_convs", 0),
+                       depthwise=q_report.get("depthwise"), accuracy_checked=checked,
+                       accuracy=quant.accuracy_vs_fp32(dm, calib) if checked else None)
+
+
 def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, check: bool = True,
             database: Any = None, progress: bool = True, calibration: Any = None,
             quantization: Any = None) -> DeviceModel:
@@ -81,89 +121,58 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         calibration: int8 only: calibration data (a tensor, a DataLoader, or an iterable of
             batches; ``(inputs, labels)`` batches are fine). Default: the example inputs, which
             gives the right kernels but poorly calibrated scales.
-        quantization: int8 only: a :class:`omnic.compile.quantize.QuantConfig`, a dict of its fields or
+        quantization: int8 only: a :class:`omnic.compile.quant.QuantConfig`, a dict of its fields or
             a calibration method name (``"minmax"``, ``"percentile"``).
 
     Returns:
-        A :class:`DeviceModel` (callable, timeable, exportable).
+        A :class:`DeviceModel` (callable, timeable, exportable); its ``report`` is a
+        :class:`omnic.compile.report.CompileReport`.
     """
-    from omnic.compile import compiler
-    from omnic.compile import tuning
-    from omnic.compile import winograd
-
     t0 = time.perf_counter()
     traced, deployment = _coerce(model, deployment, example_inputs)
     spec = deployment.spec
-    target = spec.tvm_target(num_threads=deployment.threads)
-    mod = compiler.lower(traced)
+    target = tvm_target(spec, num_threads=deployment.threads)
+    mod = frontend.lower(traced)
     calib, q_report = None, None
     db_dir = tuning.database_dir(deployment, target)
     applies_db = (deployment.tuning_trials > 0 or bool(deployment.tuning_time_s) or database is not None
                   or (db_dir / "database_workload.json").exists())
     if deployment.precision == "int8":
-        from omnic.compile import quantize
-
-        if traced.source == "onnx":  # already quantized (QDQ) by its exporter: nothing to calibrate
-            quantize.require_onnx_qdq(traced.onnx_path)
-        else:
-            calib = quantize.calibrate(traced, traced.example_inputs if calibration is None else calibration,
-                                       quantize.QuantConfig.coerce(quantization),
-                                       source="example_inputs" if calibration is None else "calibration")
-        q_report = {}
-        prepared = compiler.prepare(mod, spec, target, "int8", quantization=calib or quantize.ONNX_QDQ,
-                                    quant_report=q_report)
-        if q_report.get("dot_product_packed_convs") and q_report.get("dot_product") == "vpdpbusd" and applies_db:
-            # tuning tensorizes the packed convs with VNNI, and applying such records replays the
-            # intrinsic by name: both need it registered (and fixed for LLVM 22) in this process
-            quantize.register_vnni_intrinsic()
+        prepared, calib, q_report = _quantize(traced, mod, spec, target, calibration, quantization, applies_db)
     else:
         # Winograd for builds that apply tuned kernels with a budget that reaches them (or a
         # database that holds them); an untuned build keeps the direct convolutions, which are
         # what the untuned-latency predictor models
         use_winograd = applies_db and winograd.wanted(deployment, db_dir)
-        prepared = compiler.prepare(mod, spec, target, deployment.precision, winograd=use_winograd)
+        prepared = pipeline.prepare(mod, spec, target, deployment.precision, winograd=use_winograd)
     t_prepare = time.perf_counter() - t0
-    tuning_report: dict[str, Any] = {"trials": 0, "tasks": 0, "new_tasks": 0}
+    tuning_report: Any = {"trials": 0, "tasks": 0, "new_tasks": 0}
     if database is None:
         database, tuning_report = tuning.database_for(prepared, deployment, target, progress=progress)
     t1 = time.perf_counter()
-    executable, final_mod = compiler.build(prepared, spec, target, database)
-    scheduled, unscheduled = compiler.scheduled_kernels(final_mod)
-    report: dict[str, Any] = {
-        "device": spec.name,
-        "precision": deployment.precision,
-        "target": str(target),
-        "structural_hash": traced.structural_hash,
-        "source": traced.source,
-        "input_shapes": [list(s) for s in traced.input_shapes],
-        "tuning": tuning_report,
-        "kernels_scheduled": len(scheduled),
-        "kernels_unscheduled": len(unscheduled),
-        "winograd_convs": winograd.count_convs(prepared),
-        "ops_precision": {"float32" if deployment.precision == "fp32" else deployment.precision: "all"},
-        "prepare_s": round(t_prepare, 3),
-        "build_s": round(time.perf_counter() - t1, 3),
-        "max_rel_error": None,
-    }
+    executable, final_mod = build.build(prepared, spec, target, database)
+    scheduled, unscheduled = build.scheduled_kernels(final_mod)
+    report = CompileReport(
+        device=spec.name, precision=deployment.precision, target=str(target),
+        structural_hash=traced.structural_hash, source=traced.source,
+        input_shapes=tuple(tuple(s) for s in traced.input_shapes), tuning=tuning_report,
+        kernels_scheduled=len(scheduled), kernels_unscheduled=len(unscheduled),
+        winograd_convs=winograd.count_convs(prepared),
+        ops_precision={"float32" if deployment.precision == "fp32" else deployment.precision: "all"},
+        prepare_s=round(t_prepare, 3), build_s=round(time.perf_counter() - t1, 3))
     dm = DeviceModel(executable=executable, deployment=deployment, input_shapes=traced.input_shapes,
                      input_dtypes=traced.input_dtypes, output_is_tuple=traced.output_is_tuple,
                      structural_hash=traced.structural_hash, report=report, module=final_mod)
-    if check and spec.local and not deployment.is_remote:
+    local = check and spec.local and not deployment.is_remote
+    if local:
         expected = reference_outputs(traced)
         actual = dm(*traced.example_inputs)
         actual = list(actual) if isinstance(actual, tuple) else [actual]
-        report["max_rel_error"] = relative_error([a.numpy() for a in actual], expected)
+        report = dataclasses.replace(report, max_rel_error=relative_error([a.numpy() for a in actual], expected))
     if q_report is not None:
-        from omnic.compile import quantize
-
-        report["ops_precision"] = quantize.ops_precision(q_report)
-        summary = calib.summary() if calib is not None else {"source": "onnx-qdq", "integer": False}
-        report["quantization"] = {**summary, "layers": q_report.get("layers", []),
-                                  "dot_product": q_report.get("dot_product"),
-                                  "dot_product_packed_convs": q_report.get("dot_product_packed_convs", 0),
-                                  "depthwise": q_report.get("depthwise")}
-        if calib is not None and check and spec.local and not deployment.is_remote:
-            report["quantization"]["accuracy"] = quantize.accuracy_vs_fp32(dm, calib)
+        report = dataclasses.replace(report, ops_precision=quant.ops_precision(q_report),
+                                     quantization=_quant_report(dm, calib, q_report, local))
+    dm.report = report
     return dm
 
 

@@ -9,8 +9,9 @@ from torch import nn
 import omnic
 import omnic.core.ir
 from omnic import engine
-from omnic.compile import compiler
-from omnic.compile import quantize
+from omnic.compile import build
+from omnic.compile import quant
+from omnic.compile.target import tvm_target
 from omnic.examples.digits import digits_data, evaluate, train_digits_cnn
 
 
@@ -24,7 +25,7 @@ def _clip_model():
 def test_fp16_gpu_build_uses_half_precision(device, kind):
     dm = engine.compile(_clip_model(), {"device": device, "precision": "fp16"}, torch.randn(1, 3, 16, 16),
                         progress=False)
-    src_kind, source = compiler.device_source(dm.executable)
+    src_kind, source = build.device_source(dm.executable)
     assert src_kind == kind
     assert re.search(r"\bhalf\b", source), "fp16 kernels should compute in half"
     assert dm.report["precision"] == "fp16"
@@ -118,7 +119,7 @@ def test_integer_kernels_are_int8_times_int8_into_int32(conv_dense):
     if omnic.core.targets.get_device("host").int_dot_product == "vnni":
         # the packed conv reads uint8 data and a weight with 16 outputs x 4 inputs innermost
         packed = [f.script() for _, f in integer.module.functions_items()
-                  if isinstance(f, tvm.tirx.PrimFunc) and quantize.PACKED_BLOCK in f.script()]
+                  if isinstance(f, tvm.tirx.PrimFunc) and quant.PACKED_BLOCK in f.script()]
         assert packed and re.search(r'\(16\)?, (T\.int64\()?4\)?\), "int8"', packed[0]) and '"uint8"' in packed[0]
     ll = integer.executable.mod.imports[0].inspect_source("ll")
     assert re.search(r"[sz]ext <\d+ x i8> .* to <\d+ x i32>", ll)  # widening 8-bit loads in the kernels
@@ -143,10 +144,10 @@ def test_depthwise_precision_choice_is_reported_and_both_are_close_to_fp32():
     assert counts["int8"]["int8"] == {"conv2d": 3} and "conv2d_depthwise" not in counts["int8"]["float32"]
     assert counts["fp32"]["int8"] == {"conv2d": 2} and counts["fp32"]["float32"]["conv2d_depthwise"] == 1
     with pytest.raises(omnic.OmnicError, match="depthwise"):
-        quantize.QuantConfig(depthwise="int4")
+        quant.QuantConfig(depthwise="int4")
 
 
-@pytest.mark.parametrize("family", sorted(quantize.DOT_PRODUCT_PACKINGS))
+@pytest.mark.parametrize("family", sorted(quant.DOT_PRODUCT_PACKINGS))
 @pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
 def test_dot_product_packing_is_exact(family, act_dtype):
     """Packing (zero-padded channels, shifted activations, the correction) changes no integer:
@@ -166,11 +167,11 @@ def test_dot_product_packing_is_exact(family, act_dtype):
                                                   kernel_layout="OHWI", out_dtype="int32"))
         bb.emit_func_output(y)
     plain = bb.get()
-    packed, n = quantize.pack_dot_product(plain, family)
+    packed, n = quant.pack_dot_product(plain, family)
     assert n == 1
 
     def run(mod):
-        ex = tvm.compile(relax.transform.LegalizeOps()(mod), omnic.core.targets.get_device("host").tvm_target())
+        ex = tvm.compile(relax.transform.LegalizeOps()(mod), tvm_target(omnic.core.targets.get_device("host")))
         vm = relax.VirtualMachine(ex, tvm.cpu())
         return vm["main"](tvm.runtime.tensor(x_np)).numpy()
 
@@ -184,23 +185,23 @@ def test_int8_calibration_inputs_and_percentile():
     x = torch.randn(4, 3, 16, 16)
     data = torch.utils.data.TensorDataset(torch.randn(24, 3, 16, 16), torch.zeros(24, dtype=torch.long))
     loader = torch.utils.data.DataLoader(data, batch_size=8)  # (inputs, labels) batches of another size
-    calib = quantize.calibrate(omnic.core.ir.trace(model, (x,)), loader, quantize.QuantConfig(method="percentile",
+    calib = quant.calibrate(omnic.core.ir.trace(model, (x,)), loader, quant.QuantConfig(method="percentile",
                                                                                        percentile=99.0))
     assert calib.batches == 3 and calib.samples == 24 and len(calib.layers) == 3
     for layer in calib.layers:
         assert layer.pct is not None and layer.pct <= max(abs(layer.amin), abs(layer.amax)) + 1e-6
     assert calib.layers[1].amin >= 0  # after ReLU6
     with pytest.raises(omnic.QuantizationError, match="calibration"):
-        quantize.calibrate(omnic.core.ir.trace(model, (x,)), 42)
+        quant.calibrate(omnic.core.ir.trace(model, (x,)), 42)
     with pytest.raises(omnic.QuantizationError, match="does not match"):
-        quantize.calibrate(omnic.core.ir.trace(model, (x,)), torch.randn(2, 3, 8, 8))
+        quant.calibrate(omnic.core.ir.trace(model, (x,)), torch.randn(2, 3, 8, 8))
     with pytest.raises(omnic.OmnicError):
-        quantize.QuantConfig(method="entropy-ish")
+        quant.QuantConfig(method="entropy-ish")
 
 
 def test_weight_quantization_is_per_channel_symmetric():
     w = np.array([[1.0, -0.5], [0.01, 0.02]], dtype=np.float32)
-    q, s = quantize.quantize_weight(w, axis=0)
+    q, s = quant.quantize_weight(w, axis=0)
     assert q.dtype == np.int8 and s.shape == (2,)
     assert q[0, 0] == 127 and q[1, 1] == 127 and q[0, 1] == -64
     assert np.allclose(q * s[:, None], w, atol=s.max() / 2)
@@ -278,9 +279,9 @@ def test_arm_packed_int8_conv_is_tensorized_with_sdot_by_metaschedule():
     model, x = _clip_model(), torch.randn(1, 3, 16, 16)
     dm = engine.compile(model, {"device": "S888", "precision": "int8"}, x, progress=False)
     packed = [f for _, f in dm.module.functions_items()
-              if isinstance(f, tvm.tirx.PrimFunc) and quantize.PACKED_BLOCK in f.script()]
+              if isinstance(f, tvm.tirx.PrimFunc) and quant.PACKED_BLOCK in f.script()]
     assert packed
-    target = omnic.core.targets.get_device("S888").tvm_target()
+    target = tvm_target(omnic.core.targets.get_device("S888"))
     tuning._light_tensor_intrinsics(target)
     # a fixed seed: the design space's sampled tile sizes decide the build, and TVM's VectorizeLoop
     # rejects some of them ("Cannot broadcast lanes=4 to 16"; about 1 build in 4 with random seeds)

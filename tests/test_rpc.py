@@ -259,7 +259,9 @@ def test_rpc_runner_tunes_on_the_device(rpc_farm, tmp_path):
     """omnic.compile.tuning.tune on a remote deployment measures its candidates through make_rpc_runner."""
     from tvm.s_tir import meta_schedule as ms
 
-    from omnic.compile import compiler, tuning
+    from omnic.compile import frontend, pipeline
+    from omnic.compile import tuning
+    from omnic.compile.target import tvm_target
     from omnic.core.deployment import Deployment
 
     class MatMul(nn.Module):
@@ -275,8 +277,8 @@ def test_rpc_runner_tunes_on_the_device(rpc_farm, tmp_path):
     assert isinstance(runner, ms.runner.RPCRunner)
 
     traced = engine.trace(MatMul().eval(), torch.randn(2, 32))
-    target = deployment.spec.tvm_target(num_threads=1)
-    prepared = compiler.prepare(compiler.lower(traced), deployment.spec, target, "fp32")
+    target = tvm_target(deployment.spec, num_threads=1)
+    prepared = pipeline.prepare(frontend.lower(traced), deployment.spec, target, "fp32")
     made = []
     real_make = rpc_runner.make_rpc_runner
 

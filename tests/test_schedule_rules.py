@@ -164,12 +164,13 @@ def test_an_unfinished_pool_task_resumes_instead_of_reopening(fresh_cache):
 # ------------------------------------------------------------------------------ depthwise convs
 def _prepared_kernels(model, x):
     """The fused PrimFuncs omnic tunes for ``model`` on this CPU (fp32, tagged)."""
-    from omnic.compile import compiler
+    from omnic.compile import frontend, pipeline
+    from omnic.compile.target import tvm_target
 
     traced, deployment = engine._coerce(model, Deployment(device="host", threads=2), x)
     spec = deployment.spec
-    target = spec.tvm_target(num_threads=2)
-    return compiler.prepare(compiler.lower(traced), spec, target, "fp32"), target
+    target = tvm_target(spec, num_threads=2)
+    return pipeline.prepare(frontend.lower(traced), spec, target, "fp32"), target
 
 
 def _depthwise_kernel(model, x):

@@ -23,7 +23,8 @@ import torch.nn as nn
 from omnic import Deployment, engine
 from omnic.compile import profiler
 from omnic.compile import tuning
-from omnic.compile.compiler import scheduled_kernels
+from omnic.compile.build import scheduled_kernels
+from omnic.compile.target import tvm_target
 from omnic.core.measure import MeasureConfig
 
 FAST = tuning.TuningConfig(trials_per_iter=4, population_size=24, genetic_num_iters=1, number=2,
@@ -224,10 +225,10 @@ def test_config_and_budget_errors_are_typed():
 
 def test_database_is_per_device_target_and_precision(fresh_cache):
     host = Deployment(device="host")
-    target = host.spec.tvm_target(num_threads=2)
+    target = tvm_target(host.spec, num_threads=2)
     a = tuning.database_dir(host, target)
     b = tuning.database_dir(Deployment(device="host", precision="fp16"), target)
-    c = tuning.database_dir(host, host.spec.tvm_target(num_threads=1))
+    c = tuning.database_dir(host, tvm_target(host.spec, num_threads=1))
     assert len({a, b, c}) == 3 and a.parent == fresh_cache / "tuning"
 
 

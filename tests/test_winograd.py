@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 
 from omnic import Deployment, engine
-from omnic.compile import compiler
+from omnic.compile import frontend, pipeline
 from omnic.compile import rules as schedule_rules
 from omnic.compile import tuning
 from omnic.compile import winograd
+from omnic.compile.target import tvm_target
 from tests.test_tuning import FAST
 
 CPU = {"kind": "llvm", "num-cores": 2}
@@ -116,8 +117,8 @@ def test_every_variant_of_the_design_space_computes_the_conv():
 
     model, x = _mixed()
     traced, deployment = _coerce(model, Deployment(device="host"), x)
-    target = deployment.spec.tvm_target(num_threads=2)
-    prepared = compiler.prepare(compiler.lower(traced), deployment.spec, target, winograd=True)
+    target = tvm_target(deployment.spec, num_threads=2)
+    prepared = pipeline.prepare(frontend.lower(traced), deployment.spec, target, winograd=True)
     assert winograd.count_convs(prepared) == 2
     names = [gv.name_hint for gv, f in prepared.functions_items() if "winograd" in gv.name_hint]
     residual = [n for n in names if "_add_add" in n and "relu" in n]  # bias, residual, relu fused

@@ -29,9 +29,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
         from omnic.cli.remote import cli_devices
 
         return cli_devices(args)
+    from omnic.compile.target import device_summary
     from omnic.core.targets import DEVICES
 
-    rows = [d.summary() for d in DEVICES.values()]
+    rows = [device_summary(d) for d in DEVICES.values()]
     text = "\n".join([f"{'name':<18} {'kind':<4} {'precisions':<16} {'rpc key':<18} description"] + [
         f"{r['name']:<18} {r['kind']:<4} {','.join(r['precisions']):<16} {r['rpc_key']:<18} {r['description']}"
         for r in rows])

@@ -1,6 +1,6 @@
 """The TVM side of the kernel-level latency predictor: what it reads from compiled code.
 
-The fused kernels TVM emits are known at compile time: :func:`omnic.compile.compiler.prepare`
+The fused kernels TVM emits are known at compile time: :func:`omnic.compile.pipeline.prepare`
 returns the fused Relax module whose ``call_tir`` PrimFuncs are exactly the kernels the VM will
 call, so the predictor never guesses fusion rules. For each PrimFunc this module reads features
 from the TIR: op kind tokens from the name, FLOPs from the loop extents of the reduction block,
@@ -20,7 +20,8 @@ from typing import Any, Iterable, Sequence
 import tvm
 from tvm import relax
 
-from omnic.compile import compiler
+from omnic.compile import frontend, pipeline
+from omnic.compile.target import tvm_target
 from omnic.core.deployment import Deployment
 
 # Op-kind tokens read from PrimFunc names ("fused_conv2d3_add2_maximum1_minimum11" ->
@@ -256,7 +257,7 @@ def kernel_features(prepared: Any) -> list[dict[str, Any]]:
     """The kernels of a prepared (fused) module: name, call count and features.
 
     Args:
-        prepared: The module :func:`omnic.compile.compiler.prepare` returns.
+        prepared: The module :func:`omnic.compile.pipeline.prepare` returns.
 
     Returns:
         One dict per distinct PrimFunc that ``main`` calls: ``{"name", "calls", "features"}``.
@@ -286,8 +287,8 @@ def prepare(traced: Any, deployment: Deployment) -> tuple[Any, Any, Any]:
     The same lowering and preparation ``engine.compile`` runs, stopping before the LLVM build.
     """
     spec = deployment.spec
-    target = spec.tvm_target(num_threads=deployment.threads)
-    return compiler.prepare(compiler.lower(traced), spec, target, deployment.precision), spec, target
+    target = tvm_target(spec, num_threads=deployment.threads)
+    return pipeline.prepare(frontend.lower(traced), spec, target, deployment.precision), spec, target
 
 
 def load_library(path: str | Path) -> Any:

@@ -5,7 +5,10 @@ import statistics
 import time
 from typing import Any, Sequence
 
+import numpy as np
+import onnx
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from omnic.core.ir import TracedModel
 
@@ -53,8 +56,6 @@ def count_flops(traced: TracedModel) -> int | None:
     """FLOPs of one forward pass (multiply-add = 2), counted by torch's FlopCounterMode."""
     if traced.gm is None:
         return None
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         traced.gm(*traced.example_inputs)
@@ -64,9 +65,6 @@ def count_flops(traced: TracedModel) -> int | None:
 def parameter_stats(traced: TracedModel) -> tuple[int | None, int | None]:
     """(number of parameters, bytes of parameters and buffers)."""
     if traced.gm is None:
-        import onnx
-        import numpy as np
-
         model = onnx.load(traced.onnx_path)
         n = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
         return n, n * 4
@@ -141,8 +139,8 @@ def instrumented_runs(vm, inputs: Sequence[Any], *, runs: int) -> list[list[tupl
             vm["main"](*inputs)
             recorded.append(list(current))
     finally:
-        # None removes the hook; a do-nothing Python hook would still cost ~9 us per VM call
-        # (+50 % on MobileNetV2) for every later call of this VM
+        # None removes the hook; a do-nothing Python hook would still cost microseconds on
+        # every later call of this VM
         vm.set_instrument(None)
     return recorded
 
@@ -152,9 +150,8 @@ def call_sites(vm, inputs: Sequence[Any], *, runs: int = 10, sessions: int = 2,
     """Each call of one run of ``main``, in order, with its fastest and median time over all runs.
 
     The runs are split into ``sessions`` separated by ``pause_s``: a shared machine has slow
-    phases lasting seconds (rounds of the same model a few seconds apart differed by up to 87 % on
-    the 2-core VMs this was built on), and contention only ever adds time, so each call's fastest
-    run is the estimate of its own cost; a single burst of runs can sit entirely in a slow phase.
+    phases lasting seconds, and contention only ever adds time, so each call's fastest run is
+    the estimate of its own cost; a single burst of runs can sit entirely in a slow phase.
     The hook's own cost per call (the cheapest call of a VM builtin, which does no work) is
     subtracted from every call.
 

@@ -11,7 +11,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import tvm
+from tvm import relax
 
+from omnic import __version__
+from omnic.compile.build import device_source
+from omnic.compile.report import CompileReport, plain
+from omnic.compile.target import tvm_target
 from omnic.core.deployment import Deployment
 from omnic.core.errors import ArtifactError, DeviceUnreachableError, InputShapeError
 from omnic.core.measure import MeasureConfig, Measurement, time_vm
@@ -31,17 +37,12 @@ class LocalRuntime:
     """Runs an executable on this machine's CPU through the Relax VM."""
 
     def __init__(self, executable: Any):
-        import tvm
-        from tvm import relax
-
         self.dev = tvm.cpu(0)
         self.executable = executable
         self.vm = relax.VirtualMachine(executable, self.dev)
         self._main_fn = None
 
     def to_device(self, array: np.ndarray):
-        import tvm
-
         return tvm.runtime.tensor(np.ascontiguousarray(array), self.dev)
 
     def run(self, arrays: Sequence[np.ndarray]) -> Any:
@@ -53,8 +54,6 @@ class LocalRuntime:
         The outputs come back as torch tensors over the VM's output buffers: the VM allocates
         those afresh on every call, so a later call never overwrites them.
         """
-        import tvm
-
         out = self._main(*[tvm.runtime.from_dlpack(t) for t in tensors])
         return _outputs_from_dlpack(out)
 
@@ -91,12 +90,13 @@ class DeviceModel:
 
     Call it like the PyTorch model (torch tensors or numpy arrays in, torch tensors out), ask
     for its latency, or export it. ``report`` holds the compile report (device, precision,
-    tuning done, kernels, output difference to PyTorch).
+    tuning done, kernels, output difference to PyTorch): a :class:`CompileReport` after a
+    compile, its ``to_dict()`` form after :func:`load`.
     """
 
     def __init__(self, *, executable: Any, deployment: Deployment, input_shapes: Sequence[tuple[int, ...]],
                  input_dtypes: Sequence[str], output_is_tuple: bool, structural_hash: str,
-                 report: dict[str, Any], module: Any = None, runtime: Any = None):
+                 report: CompileReport | dict[str, Any], module: Any = None, runtime: Any = None):
         self.executable = executable
         self.deployment = deployment
         self.input_shapes = [tuple(int(d) for d in s) for s in input_shapes]
@@ -185,11 +185,6 @@ class DeviceModel:
         Returns:
             The directory written.
         """
-        import tvm
-
-        from omnic import __version__
-        from omnic.compile.compiler import device_source
-
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         spec = self.deployment.spec
@@ -207,7 +202,7 @@ class DeviceModel:
             "library": lib_name,
             "files": files,
             "device": spec.name,
-            "target": str(spec.tvm_target(num_threads=self.deployment.threads)),
+            "target": str(tvm_target(spec, num_threads=self.deployment.threads)),
             "deployment": self.deployment.to_dict(),
             "precision": self.deployment.precision,
             "inputs": [{"shape": list(s), "dtype": d} for s, d in zip(self.input_shapes, self.input_dtypes)],
@@ -218,7 +213,7 @@ class DeviceModel:
             "torch_version": torch.__version__,
             "built_on": platform.platform(),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "report": _jsonable(self.report),
+            "report": _jsonable(plain(self.report)),
         }
         (out / "metadata.json").write_text(json.dumps(meta, indent=2))
         return out
@@ -237,8 +232,6 @@ def load(directory: str | os.PathLike) -> DeviceModel:
     Raises:
         ArtifactError: Missing files or a library this machine cannot load.
     """
-    import tvm
-
     path = Path(directory)
     meta_path = path / "metadata.json"
     if not meta_path.exists():

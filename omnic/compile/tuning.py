@@ -3,7 +3,7 @@
 How a compile uses it (``engine.compile`` -> :func:`database_for`):
 
 1. The tuning tasks are extracted from the *prepared* module (fused, layout-free weights), which
-   is exactly what ``compiler.build`` applies the database to; a workload tuned on anything else
+   is exactly what ``build.build`` applies the database to; a workload tuned on anything else
    would never match (TVM_NOTES 9.7.3).
 2. One ``JSONDatabase`` per device/target/precision lives under ``<cache>/tuning/<tag>/``. It is
    shared by every model: workloads are keyed by their anchor op (the conv or matmul of a fused
@@ -658,7 +658,7 @@ def tune(prepared: Any, deployment: Deployment, target: Any, *, trials: int | No
     """Tune the new tasks of ``prepared`` into the device's persistent database.
 
     Args:
-        prepared: The module from ``compiler.prepare`` (fused, layout-free attributes).
+        prepared: The module from ``pipeline.prepare`` (fused, layout-free attributes).
         deployment: Supplies the device, precision and (unless overridden) the budgets.
         target: The TVM target the module is built for (must carry ``num-cores`` on CPUs).
         trials: Trial budget for this run (default ``deployment.tuning_trials``). With 0 and a

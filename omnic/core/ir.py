@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torch.fx.passes.shape_prop import ShapeProp
 
 from omnic.core.errors import InputShapeError, TraceError
@@ -198,6 +199,19 @@ def _record_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
             f"running the model on example inputs of shape {shapes} failed: {type(exc).__name__}: "
             f"{exc}" + (f"\n  at {line}" if line else "") +
             "\n  fix: pass example inputs with the shapes the model expects") from exc
+
+
+def fused_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with each conv+BN pair folded into one conv, as lowering exports it.
+
+    Folding is exact and spares TVM's constant folding a compiled function per folded weight;
+    calibration observes the same graph, so its weights match the lowered constants. Where fx's
+    fuser cannot handle the graph, ``gm`` itself is returned (the fold is an optimisation).
+    """
+    try:
+        return fuse(gm, inplace=False)
+    except Exception:  # noqa: BLE001 - fuse raises whatever the module's code raises
+        return gm
 
 
 def resolve_example_inputs(example_inputs: Any, deployment: Any = None) -> tuple[torch.Tensor, ...]:

@@ -1,7 +1,10 @@
-"""Frozen table of devices and the TVM target each one compiles for."""
+"""Frozen table of devices: what each one is, what it compiles for and what it runs well.
+
+Pure data, without TVM: :mod:`omnic.compile.target` turns a row into a ``tvm.target.Target``
+(and names the host CPU through LLVM).
+"""
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -21,7 +24,8 @@ class DeviceSpec:
         name: Name users write in a deployment (``"host"``, ``"S888"``...).
         description: Human description of the hardware.
         kind: ``"cpu"`` or ``"gpu"``; GPU targets get default (dlight) schedules.
-        target: TVM target as a dict or a tag string. ``None`` only for ``host`` (detected).
+        target: TVM target as a dict or a tag string. ``None`` only for ``host`` (detected by
+            :func:`omnic.compile.target.host_target_dict`).
         target_host: Host-side target for GPU devices or cross CPU builds (dict or tag), or None.
         precisions: Precisions this device supports.
         rpc_key: Default key under which this device registers at an RPC tracker.
@@ -64,37 +68,17 @@ class DeviceSpec:
     int8_depthwise: bool = True
     notes: str = ""
 
-    def tvm_target(self, *, num_threads: int | None = None):
-        """Build the ``tvm.target.Target`` for this device.
-
-        Args:
-            num_threads: Threads the compiled code will use (``num-cores`` for CPU targets, which
-                MetaSchedule requires). Defaults to the machine's core count for ``host``.
-
-        Returns:
-            A ``tvm.target.Target`` with its host attached where the device needs one.
-        """
-        import tvm
-
-        target = host_target_dict(num_threads) if self.target is None else self.target
-        if isinstance(target, Mapping):
-            target = dict(target)
-            if target.get("kind") == "llvm" and num_threads is not None:
-                target["num-cores"] = int(num_threads)
-        tgt = tvm.target.Target(target)
-        if self.target_host is not None:
-            tgt = tvm.target.Target(tgt, host=tvm.target.Target(dict(self.target_host) if isinstance(
-                self.target_host, Mapping) else self.target_host))
-        return tgt
-
     def summary(self) -> dict[str, Any]:
-        """A JSON-friendly view of the row (for ``omnic devices`` and artifact metadata)."""
+        """A JSON-friendly view of the row (for ``omnic devices``).
+
+        ``host``'s target is detected through LLVM, which this module does not load: it is None
+        here, and :func:`omnic.compile.target.device_summary` fills it in.
+        """
         return {
             "name": self.name,
             "description": self.description,
             "kind": self.kind,
-            "target": dict(self.target) if isinstance(self.target, Mapping) else (
-                self.target if self.target is not None else host_target_dict(None)),
+            "target": dict(self.target) if isinstance(self.target, Mapping) else self.target,
             "precisions": list(self.precisions),
             "rpc_key": self.rpc_key,
             "local": self.local,
@@ -104,7 +88,8 @@ class DeviceSpec:
         }
 
 
-def _physical_cores() -> int:
+def physical_cores() -> int:
+    """Physical cores of this machine (logical ones where psutil cannot tell)."""
     try:
         import psutil
 
@@ -113,27 +98,8 @@ def _physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-@functools.lru_cache(maxsize=None)
-def _detected_host_cpu() -> str:
-    """LLVM's name for this CPU (e.g. ``znver4``), so codegen uses AVX-512/VNNI where present.
-
-    TVM rejects ``mcpu=native``; LLVM's own host detection gives a concrete name instead.
-    """
-    from tvm.target import codegen
-
-    cpu = str(codegen.llvm_get_system_cpu())
-    triple = str(codegen.llvm_get_system_triple())
-    if cpu and cpu != "generic" and codegen.llvm_is_valid_cpu(cpu, triple):
-        return cpu
-    return "x86-64-v4" if _cpu_flags() >= {"avx512f", "avx512bw"} else "x86-64-v3"
-
-
-def host_cpu_name() -> str:
-    """LLVM's name for this machine's CPU (``znver5``, ``icelake-server``, ...), as host builds use it."""
-    return _detected_host_cpu()
-
-
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU feature flags ``/proc/cpuinfo`` lists (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -146,21 +112,13 @@ def _cpu_flags() -> set[str]:
 
 def host_cpu_features() -> dict[str, bool]:
     """The SIMD features of this CPU that matter for code generation."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return {
         "avx2": "avx2" in flags,
         "avx512": "avx512f" in flags,
         "avx512_vnni": "avx512_vnni" in flags,
         "avx_vnni": "avx_vnni" in flags,
     }
-
-
-def host_target_dict(num_threads: int | None) -> dict[str, Any]:
-    """The LLVM target dict for this machine's CPU."""
-    # opt-level 2: LLVM's O3 spends minutes vectorising the naive loops of untuned kernels
-    # (MobileNetV3 at 64x64: 34 s to JIT at O3, 7 s at O2, same latency).
-    return {"kind": "llvm", "mcpu": _detected_host_cpu(), "opt-level": 2,
-            "num-cores": int(num_threads or _physical_cores())}
 
 
 def _frozen(d: Mapping[str, str]) -> Mapping[str, str]:

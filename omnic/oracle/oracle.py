@@ -10,13 +10,13 @@ import threading
 from typing import Any, Callable, Sequence
 
 from omnic.compile import stack_align
-from omnic.compile.compiler import PIPELINE_REVISION
+from omnic.compile.pipeline import PIPELINE_REVISION
+from omnic.compile.target import host_cpu_name
 from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
 from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError, ServerConnectError, describe
 from omnic.core.ir import TracedModel, trace
 from omnic.core.measure import PROTOCOL_REVISION, CompileFn, MeasureConfig, Measurement
-from omnic.core.targets import host_cpu_name
 from omnic.oracle.store import LatencyStore, StoreKey
 from omnic.remote.session import export_for_upload
 from omnic.remote.batch import BatchConfig, FarmBatch, count_servers

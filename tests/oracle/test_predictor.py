@@ -120,12 +120,12 @@ def test_held_out_accuracy_is_computed(samples):
 def test_predict_from_a_model_builds_nothing_and_matches_the_features(samples, monkeypatch):
     fit, _ = samples
     pred = P.KernelLatencyPredictor("host").fit(fit)
-    from omnic.compile import compiler
+    from omnic.compile import build
 
     def no_build(*_a, **_k):
         raise AssertionError("predict must not build")
 
-    monkeypatch.setattr(compiler, "build", no_build)
+    monkeypatch.setattr(build, "build", no_build)
     variant = FIT[0]
     model, x = variant.build()
     ms = pred.predict(model, "host", x)

@@ -16,7 +16,7 @@ from omnic.core.ir import trace
 from omnic.core.measure import MeasureConfig, Measurement
 from omnic.oracle import Oracle
 from omnic.oracle.store import LatencyStore, StoreKey
-from omnic.core.targets import host_cpu_name
+from omnic.compile.target import host_cpu_name
 
 QUICK = MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1)
 

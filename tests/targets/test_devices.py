@@ -1,6 +1,7 @@
 import pytest
 
-from omnic.core.targets import DEVICES, get_device, host_target_dict
+from omnic.compile.target import host_target_dict, tvm_target
+from omnic.core.targets import DEVICES, get_device
 from omnic.core.targets import host_cpu_features
 
 REQUIRED = {"host", "S888", "S888-gpu", "rasp4b", "jetson-orin-nano", "a100"}
@@ -22,7 +23,7 @@ def test_table_is_frozen():
 
 
 def test_host_target_uses_detected_simd_features():
-    target = get_device("host").tvm_target(num_threads=2)
+    target = tvm_target(get_device("host"), num_threads=2)
     assert str(target.kind.name) == "llvm"
     assert int(target.attrs["num-cores"]) == 2
     mcpu = str(target.attrs["mcpu"])
@@ -37,10 +38,10 @@ def test_host_target_uses_detected_simd_features():
 @pytest.mark.parametrize("name", sorted(REQUIRED - {"host"}))
 def test_every_device_builds_a_tvm_target(name):
     spec = get_device(name)
-    target = spec.tvm_target()
+    target = tvm_target(spec)
     assert str(target.kind.name) == {"cuda": "cuda", "opencl": "opencl", "cpu": "llvm"}[spec.device_api]
     if spec.kind == "gpu":
         assert target.host is not None
-        # the Adreno tag has no host: the table must give it an aarch64 one (TVM_NOTES 5)
+        # the Adreno tag has no host: the table must give it an aarch64 one
         expected = "x86_64" if name == "a100" else "aarch64"
         assert expected in str(target.host.attrs.get("mtriple", ""))

@@ -7,7 +7,7 @@ each variant's compiled library is kept beside them, so a later session measures
 a rebuild.
 
 Tuning state: samples describe the code ``engine.compile`` builds for a deployment with *no tuning
-database applied* (``compiler.build(prepared, spec, target, None)``). Tuned kernels run at a
+database applied* (``build.build(prepared, spec, target, None)``). Tuned kernels run at a
 different speed; a predictor for a tuned device needs samples collected from tuned builds, which
 is why each sample and saved predictor records ``tuning_state``.
 """
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from omnic.compile import compiler, features
+from omnic.compile import build, features
 from omnic.compile.profiler import instrumented_runs
 from omnic.compile.runtime import LocalRuntime
 from omnic.core.cache import cache_root
@@ -78,7 +78,7 @@ def collect_sample(variant: Any, deployment: Any = "host", *, runs: int = 15,
     prepared, spec, target = features.prepare(traced, deployment)
     kernels = features.kernel_features(prepared)
     t1 = time.perf_counter()
-    executable, _ = compiler.build(prepared, spec, target, None)
+    executable, _ = build.build(prepared, spec, target, None)
     library = _library_path(deployment.device, variant.key)
     executable.export_library(str(library))  # a later session re-measures it without rebuilding
     t2 = time.perf_counter()

@@ -4,22 +4,25 @@ Kept in a file of its own: TVMScript re-reads this source when the function is p
 """
 from __future__ import annotations
 
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+_VNNI_REGISTERED = False
+
 
 def register_vnni_intrinsic() -> None:
     """Make MetaSchedule's ``dot_16x4_vnni`` build with the bundled LLVM 22.
 
     TVM 0.27 passes ``<16 x i32>`` operands to ``llvm.x86.avx512.vpdpbusd.512``; LLVM 22 wants
     ``<64 x i8>``, so every VNNI candidate fails LLVM verification and tuning silently keeps
-    plain code (TVM_NOTES 10). Importing the intrinsic package costs seconds (it registers the
-    CUDA ones too), so this runs only when int8 kernels are tuned.
+    plain code. Tuning int8 kernels on a VNNI CPU, and applying records that replay the
+    intrinsic by name, need this registration in the process.
     """
     global _VNNI_REGISTERED
     if _VNNI_REGISTERED:
         return
-    import tvm.s_tir.tensor_intrin  # noqa: F401 - registers the stock intrinsics first
-    from tvm.s_tir import TensorIntrin
-    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
-    from tvm.script import tirx as T
+    import tvm.s_tir.tensor_intrin  # noqa: F401 - lazy: registers every stock intrinsic (CUDA too), which takes seconds; only int8 builds on VNNI need it
+    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc  # lazy: same package as above
 
     @T.prim_func(s_tir=True)
     def vnni_impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -35,6 +38,3 @@ def register_vnni_intrinsic() -> None:
 
     TensorIntrin.register("dot_16x4_vnni", dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
     _VNNI_REGISTERED = True
-
-
-_VNNI_REGISTERED = False

@@ -1,0 +1,90 @@
+"""Build a prepared module: apply tuned schedules, give GPU kernels default ones, compile.
+
+Also reads a build back: which kernels carry a schedule, and the device source of a GPU build.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+
+from omnic.compile.stack_align import pipeline_for
+from omnic.core.errors import CompileError, describe
+from omnic.core.targets import DeviceSpec
+
+
+def _apply_database(mod: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any) -> tvm.IRModule:
+    with target, database:
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    if spec.kind == "cpu":
+        # tuned kernels re-lay out their weights; split that out and fold it at compile time
+        mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+        with target:
+            mod = relax.transform.FoldConstant()(mod)
+        mod = relax.transform.DeadCodeElimination()(mod)
+    return mod
+
+
+def _default_gpu_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    with target:
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+
+
+def build(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target,
+          database: Any = None) -> tuple[Any, tvm.IRModule]:
+    """Apply a tuning database (if any), schedule what is left, and build.
+
+    Args:
+        mod_prepared: The module :func:`omnic.compile.pipeline.prepare` returns.
+        spec: The device.
+        target: Its TVM target.
+        database: A MetaSchedule database, or None for an untuned build.
+
+    Returns:
+        ``(executable, final_module)``.
+
+    Raises:
+        CompileError: TVM failed to build.
+    """
+    try:
+        mod = mod_prepared
+        if database is not None:
+            mod = _apply_database(mod, spec, target, database)
+        if spec.kind == "gpu":
+            mod = _default_gpu_schedules(mod, target)
+        # Folding the layout-rewritten weights leaves each kernel's constants in a tuple that the
+        # VM would build and unpack on every call (3 builtin calls per kernel): pass the constants
+        # to the kernels directly.
+        mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
+        executable = tvm.compile(mod, target, tir_pipeline=pipeline_for(target))
+    except Exception as exc:
+        raise CompileError(f"building for {spec.name} failed: {describe(exc)}") from exc
+    return executable, mod
+
+
+def scheduled_kernels(mod: tvm.IRModule) -> tuple[list[str], list[str]]:
+    """Names of the PrimFuncs that carry a schedule (tuned or dlight) and of those that do not."""
+    names_sched, names_plain = [], []
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            attrs = func.attrs
+            is_sched = bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
+            (names_sched if is_sched else names_plain).append(gv.name_hint)
+    return names_sched, names_plain
+
+
+def device_source(executable: Any) -> tuple[str, str] | None:
+    """``(kind, source)`` of the device kernels of a GPU build (CUDA or OpenCL), else None."""
+    def walk(module):
+        yield module
+        for sub in module.imports:
+            yield from walk(sub)
+
+    for module in walk(executable.mod):
+        kind = module.kind
+        if kind in ("cuda", "opencl"):
+            return kind, module.inspect_source("cuda" if kind == "cuda" else "cl")
+    return None
