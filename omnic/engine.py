@@ -133,7 +133,7 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         "structural_hash": traced.structural_hash,
         "source": traced.source,
         "input_shapes": [list(s) for s in traced.input_shapes],
-        "tuning": tuning_report,
+        "tuning": dict(tuning_report),  # a TuningReport: stored as the plain dict it reads as
         "kernels_scheduled": len(scheduled),
         "kernels_unscheduled": len(unscheduled),
         "winograd_convs": winograd.count_convs(prepared),

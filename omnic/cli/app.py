@@ -20,7 +20,7 @@ _PLUGINS = (
     "omnic.passes.adapt",
     "omnic.cli.search",
     "omnic.examples.demo",
-    "omnic.compile.tuning",
+    "omnic.cli.tune",
 )
 
 
