@@ -282,7 +282,7 @@ def test_arm_packed_int8_conv_is_tensorized_with_sdot_by_metaschedule():
               if isinstance(f, tvm.tirx.PrimFunc) and quant.PACKED_BLOCK in f.script()]
     assert packed
     target = tvm_target(omnic.core.targets.get_device("S888"))
-    tuning._light_tensor_intrinsics(target)
+    tuning.light_tensor_intrinsics(target)
     # a fixed seed: the design space's sampled tile sizes decide the build, and TVM's VectorizeLoop
     # rejects some of them ("Cannot broadcast lanes=4 to 16"; about 1 build in 4 with random seeds)
     ctx = ms.TuneContext(mod=tvm.IRModule({"main": packed[-1].with_attr("global_symbol", "main")}), target=target,

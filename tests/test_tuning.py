@@ -209,10 +209,10 @@ def test_killed_tune_keeps_trials_and_resumes(tmp_path, monkeypatch):
 def test_torn_database_line_is_repaired(tmp_path):
     f = tmp_path / "db.json"
     f.write_text('[0, {"a": 1}]\n[1, {"b": 2}]\n[2, {"c"')
-    assert tuning._repair_jsonl(f) == 1
+    assert tuning.repair_jsonl(f) == 1
     assert f.read_text() == '[0, {"a": 1}]\n[1, {"b": 2}]\n'
     f.write_text('[0, 1]')  # complete record, newline missing: kept
-    assert tuning._repair_jsonl(f) == 0 and f.read_text() == "[0, 1]\n"
+    assert tuning.repair_jsonl(f) == 0 and f.read_text() == "[0, 1]\n"
 
 
 def test_config_and_budget_errors_are_typed():
@@ -269,15 +269,15 @@ def test_cli_tune_needs_a_budget(capsys):
 
 def test_batches_go_to_the_costliest_task_after_one_each():
     """After one batch per task (heaviest first), batches follow each task's share of model time."""
-    from omnic.compile.tuning import _next_task, _Task
+    from omnic.compile.tuning.planner import Task, next_task
 
-    conv = _Task(name="conv", key="a", weight=2, flops=10.0, extracted=None)  # 2 x 1.0 ms
-    pool = _Task(name="pool", key="b", weight=1, flops=1.0, extracted=None)  # 0.2 ms
-    broken = _Task(name="broken", key="c", weight=1, flops=0.5, extracted=None)  # every build fails
+    conv = Task(name="conv", key="a", weight=2, flops=10.0, extracted=None)  # 2 x 1.0 ms
+    pool = Task(name="pool", key="b", weight=1, flops=1.0, extracted=None)  # 0.2 ms
+    broken = Task(name="broken", key="c", weight=1, flops=0.5, extracted=None)  # every build fails
     latency = {"conv": 1.0, "pool": 0.2, "broken": None}
     order = []
     for _ in range(14):
-        task = _next_task([conv, pool, broken])
+        task = next_task([conv, pool, broken])
         order.append(task.name)
         task.batches += 1
         task.best_ms = latency[task.name]
@@ -291,14 +291,14 @@ def test_a_task_that_stops_improving_yields_to_one_that_still_improves():
     conv still gaining 15 % a batch gets more batches than the converged one, even once it costs
     the model less (1 / batches alone would give the converged one 9 of 16), and the converged
     one still gets some (the forward term keeps it in the race)."""
-    from omnic.compile.tuning import _next_task, _Task
+    from omnic.compile.tuning.planner import Task, next_task
 
-    flat = _Task(name="flat", key="a", weight=1, flops=2.0, extracted=None)
-    steep = _Task(name="steep", key="b", weight=1, flops=1.0, extracted=None)
+    flat = Task(name="flat", key="a", weight=1, flops=2.0, extracted=None)
+    steep = Task(name="steep", key="b", weight=1, flops=1.0, extracted=None)
     latency = {"flat": lambda b: 1.0, "steep": lambda b: max(0.5, 2.0 * 0.85 ** b)}
     order = []
     for _ in range(16):
-        task = _next_task([flat, steep], per_iter=8)
+        task = next_task([flat, steep], per_iter=8)
         order.append(task.name)
         task.batches += 1
         task.best_ms = latency[task.name](task.batches)
@@ -306,10 +306,10 @@ def test_a_task_that_stops_improving_yields_to_one_that_still_improves():
     assert order[:2] == ["flat", "steep"]  # coverage first, heaviest first
     assert steep.batches > flat.batches >= 4, order
     # a resumed task counts the batches of earlier runs: its forward claim is already small
-    resumed = _Task(name="resumed", key="c", weight=1, flops=1.0, extracted=None, trials_before=80, best_ms=1.0)
-    fresh = _Task(name="fresh", key="d", weight=1, flops=1.0, extracted=None, best_ms=1.0, batches=1)
+    resumed = Task(name="resumed", key="c", weight=1, flops=1.0, extracted=None, trials_before=80, best_ms=1.0)
+    fresh = Task(name="fresh", key="d", weight=1, flops=1.0, extracted=None, best_ms=1.0, batches=1)
     assert resumed.claim(8) < fresh.claim(8)
-    assert _Task(name="broken", key="e", weight=3, flops=1.0, extracted=None, batches=1).claim(8) == 0.0
+    assert Task(name="broken", key="e", weight=3, flops=1.0, extracted=None, batches=1).claim(8) == 0.0
 
 
 def test_epilogue_variants_of_one_conv_are_one_task(fresh_cache):

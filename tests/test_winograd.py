@@ -126,7 +126,7 @@ def test_every_variant_of_the_design_space_computes_the_conv():
     func = prepared[residual[0]]
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     schedule_rules.register()
-    tuning._light_tensor_intrinsics(target)  # TuneContext would import every backend's intrinsics
+    tuning.light_tensor_intrinsics(target)  # TuneContext would import every backend's intrinsics
     assert schedule_rules.space_revision(mod, target) == schedule_rules.SPACE_REVISION
     ctx = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply", search_strategy="evolutionary")
     spaces = ctx.generate_design_space()

@@ -20,7 +20,7 @@ _PLUGINS = (
     "omnic.cli.adapt",
     "omnic.cli.search",
     "omnic.cli.demo",
-    "omnic.compile.tuning",
+    "omnic.cli.tune",
 )
 
 

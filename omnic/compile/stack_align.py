@@ -5,10 +5,10 @@ register tiles often use 28 of AVX-512's 32) spills some of them to the stack. L
 those spill slots the vector's alignment when the function realigns its stack, and it decides
 that before register allocation, so a function with no aligned local of its own spills to slots
 aligned to 16 bytes only. A 64-byte zmm (or 32-byte ymm) slot then crosses a cache line on 3 in
-4 stack depths, and the loop runs up to 2x slower. The stack depth at the kernel is set by its
+4 stack depths, and the loop slows down markedly. The stack depth at the kernel is set by its
 caller (Python frames, the VM, the thread pool) and is randomised per process by ASLR, so the
-same binary ran at 1.0 ms in one process and 2.0 ms in the next, and the tuner's measurement
-was a draw of the same lottery (measured on a Zen 4 host: ResNet-18's layer-4 convs).
+same binary ran fast in one process and slow in the next, and the tuner's measurement was a
+draw of the same lottery.
 
 The fix costs two instructions per call: every parallel task body and every kernel body gets a
 64-byte aligned, volatile stack slot, so LLVM realigns the frame up front and every spill slot
@@ -78,8 +78,8 @@ def _rewrite(tirx: Any, stmt: Any) -> Any:
 
 def aligned_stack_pass() -> Any:
     """A TIR pass (run after lowering, on CPU functions) that adds the aligned slots."""
-    import tvm
-    from tvm import tirx
+    import tvm  # lazy: omnic.oracle imports this module for enabled(), and TVM costs the CLI seconds
+    from tvm import tirx  # lazy: as above
 
     @tvm.tirx.transform.prim_func_pass(opt_level=0, name="OmnicAlignedStack")
     def _pass(func, _mod, _ctx):
@@ -115,8 +115,8 @@ def pipeline_name() -> str:
     if not enabled():
         return "default"
     if not _registered:
-        import tvm
-        from tvm.tirx import compilation_pipeline
+        import tvm  # lazy: omnic.oracle imports this module for enabled(), and TVM costs the CLI seconds
+        from tvm.tirx import compilation_pipeline  # lazy: as above
 
         def factory(**kwargs):
             lower, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("s_tir", **kwargs)

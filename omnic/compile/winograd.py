@@ -13,7 +13,7 @@ Step 2 is an ordinary batched GEMM that MetaSchedule tunes like any other. Steps
 written out as explicit sparse sums (the transform matrices are mostly 0 and +-1), selected by
 tile position, so that once a schedule unrolls the tile loops each element is a handful of adds;
 TVM registers CPU schedules for neither TOPI's winograd transforms nor these, so
-:mod:`omnic.compile.rules` carries one (``_schedule_winograd_transform``).
+:mod:`omnic.compile.rules.winograd_transform` carries one.
 
 ONNX Runtime's CPU convolutions (MLAS) are direct/GEMM ones, so this is where a compiler can
 pass it on compute-bound networks such as ResNet-18. It pays only where the output has enough tiles:
@@ -22,23 +22,31 @@ spatial sizes the weights stream from memory for few tiles. :func:`eligible` say
 """
 from __future__ import annotations
 
+import json
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tvm
+from tvm import relax, s_tir, te, topi
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
-#: ``schedule_rule`` annotations of the two transform blocks (see omnic.compile.rules)
-DATA_TRANSFORM_RULE = "omnic.winograd_data_transform"
-INVERSE_TRANSFORM_RULE = "omnic.winograd_inverse_transform"
+from omnic.compile.rules.marking import (DATA_TRANSFORM_RULE, INVERSE_TRANSFORM_RULE, WINOGRAD_KERNEL_KEY,
+                                         mark_own_task)
+from omnic.compile.tuning.ledger import LEDGER
+
+__all__ = ["DATA_TRANSFORM_RULE", "INVERSE_TRANSFORM_RULE", "MIN_CHANNELS", "MIN_TILES", "MIN_TUNING_S",
+           "MIN_TUNING_TRIALS", "count_convs", "eligible", "rewrite_convs", "tag_fused_kernels", "tile_size",
+           "transform_matrices", "transform_weight", "wanted", "winograd_conv2d_nhwc"]
 #: the output tile edge used for large outputs, and the one for small ones
 TILE_LARGE, TILE_SMALL = 4, 2
 #: use m = 4 when the output has at least this many rows and columns, else m = 2
 LARGE_TILE_MIN_EDGE = 16
 #: only convolutions with at least this many output tiles (per image) use Winograd: the batched
 #: GEMM reuses each transformed weight once per tile, and the weights are (m+2)^2 / 9 times
-#: larger. At ResNet-18's layer 4 (7x7 output, m = 2: 16 tiles, 512 channels, 16.8 MB of
-#: transformed weights per conv) it still won, 0.65 vs 1.04 ms tuned alone (96 trials each).
-#: Fewer tiles were not measured; the weight traffic per tile only grows there
+#: larger, so with few tiles the weight traffic outweighs the saved multiplications (16 is the
+#: smallest count at which Winograd was measured to win; fewer were not measured)
 MIN_TILES = 16
 #: and only with at least this many input and output channels (the GEMMs' inner dimensions)
 MIN_CHANNELS = 16
@@ -123,8 +131,6 @@ def _axpy(acc: Any, coeff: float, x: Any, dtype: str) -> Any:
 
 
 def _const(value: float, dtype: str) -> Any:
-    import tvm
-
     return tvm.tirx.const(value, dtype)
 
 
@@ -134,8 +140,6 @@ def _by_position(row: Any, col: Any, exprs: list[list[Any]]) -> Any:
     Once the schedule unrolls the two loops, the conditions are constants and only one
     expression is left per element; unscheduled, only the taken branch is evaluated.
     """
-    import tvm
-
     def pick(index, options):
         chosen = options[-1]
         for k in range(len(options) - 2, -1, -1):
@@ -158,8 +162,6 @@ def winograd_conv2d_nhwc(data: Any, weight_t: Any, *, padding: tuple[int, int, i
     Returns:
         The ``(n, oh, ow, co)`` output tensor.
     """
-    from tvm import te, topi
-
     AT, _, BT = transform_matrices(m)
     alpha = m + 2
     n, h, w, ci = (int(v) for v in data.shape)
@@ -219,10 +221,6 @@ def rewrite_convs(mod: Any) -> tuple[Any, int]:
     :func:`winograd_conv2d_nhwc` marked out-elementwise-fusable, so bias, activation and residual
     adds still fuse into it. Returns ``(module, number of convolutions rewritten)``.
     """
-    import tvm
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
     rewritten = [0]
 
     @mutator
@@ -280,9 +278,6 @@ def rewrite_convs(mod: Any) -> tuple[Any, int]:
 
 def count_convs(mod: Any) -> int:
     """How many ``call_tir``s of the module's Relax functions run a Winograd kernel."""
-    import tvm
-    from tvm import relax
-
     names = {gv.name_hint for gv, func in mod.functions_items()
              if isinstance(func, tvm.tirx.PrimFunc) and _has_block(func, "winograd_gemm")}
     count = [0]
@@ -299,8 +294,6 @@ def count_convs(mod: Any) -> int:
 
 
 def _has_block(func: Any, name: str) -> bool:
-    from tvm import s_tir
-
     try:
         s_tir.Schedule(func).get_sblock(name)
     except Exception:  # noqa: BLE001 - no such block (or no block structure at all)
@@ -318,22 +311,17 @@ def tag_fused_kernels(mod: Any) -> Any:
     region patterns). With the hash on the anchor, each distinct kernel is its own task, and
     the same kernel in another model still finds its record.
     """
-    import tvm
-    from tvm import s_tir
-
-    from omnic.compile.rules import mark_own_task  # schedule_rules imports this module
-
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or not _has_block(func, "winograd_gemm"):
             continue
         sch = s_tir.Schedule(func)
-        mark_own_task(mod, gv, func, sch, sch.get_sblock("winograd_gemm"), "omnic.winograd_kernel")
+        mark_own_task(mod, gv, func, sch, sch.get_sblock("winograd_gemm"), WINOGRAD_KERNEL_KEY)
     return mod
 
 
-#: Winograd kernels take about five times longer per tuning trial than direct convs (their
-#: transforms are large unrolled functions to build), so a short budget cannot reach every task
-#: and untuned kernels would remain (ResNet-18 after 5 minutes: 983 ms instead of 19 ms).
+#: Winograd kernels take several times longer per tuning trial than direct convs (their
+#: transforms are large unrolled functions to build), so a short budget cannot reach every task,
+#: and an untuned Winograd kernel is far slower than an untuned direct conv.
 #: Tuning budgets below these use direct convs.
 MIN_TUNING_S = 900.0
 MIN_TUNING_TRIALS = 400
@@ -346,11 +334,6 @@ def wanted(deployment: Any, database_dir: Any) -> bool:
     :data:`MIN_TUNING_TRIALS`), or when the device's database already holds tuned Winograd
     kernels (a recompile without a budget then finds them); otherwise direct convs.
     """
-    import json
-    from pathlib import Path
-
-    from omnic.compile.tuning import LEDGER
-
     if (deployment.tuning_time_s or 0) >= MIN_TUNING_S or deployment.tuning_trials >= MIN_TUNING_TRIALS:
         return True
     ledger = Path(database_dir) / LEDGER
