@@ -171,12 +171,14 @@ class ScriptedVM:
     def time_evaluator(self, name, dev, number, repeat, min_repeat_ms):
         def run(_func):
             self.timed += 1
-            return SimpleNamespace(results=[self.script(self.timed, i) / 1e3 for i in range(repeat)])
+            return SimpleNamespace(results=[self.script(self.timed, i / repeat) / 1e3 for i in range(repeat)])
         return run
 
 
-def _noisy(call, i):
-    return 10.0 * (1 + 0.6 * (i % 3))  # +0 %, +60 %, +120 %: far over any sane spread
+def _noisy(call, position):
+    # Runs that grow from 10 ms to 20 ms over a timing call: every repeat (the fastest of a few
+    # neighbouring runs) differs, a spread of about 50 %, far over any sane threshold.
+    return 10.0 * (1 + position)
 
 
 def test_a_noisy_measurement_is_measured_again_and_flagged():
@@ -185,11 +187,11 @@ def test_a_noisy_measurement_is_measured_again_and_flagged():
     m = time_vm(vm, None, [], cfg, load_fn=lambda: 3.5)
     assert m.spread > 0.10 and m.noisy and m.attempts == 3 and m.load == 3.5
     # Calm after the first try: measured again once, kept, not flagged.
-    calm = ScriptedVM(lambda call, i: _noisy(call, i) if call <= 1 + cfg.max_rounds else 10.0)
+    calm = ScriptedVM(lambda call, pos: _noisy(call, pos) if call <= 1 + cfg.max_rounds else 10.0)
     m2 = time_vm(calm, None, [], cfg, load_fn=lambda: 0.25)
     assert not m2.noisy and m2.attempts == 2 and m2.spread <= 0.10 and m2.median_ms == pytest.approx(10.0)
     # Calm from the start: one attempt.
-    m3 = time_vm(ScriptedVM(lambda call, i: 10.0), None, [], cfg)
+    m3 = time_vm(ScriptedVM(lambda call, pos: 10.0), None, [], cfg)
     assert m3.attempts == 1 and not m3.noisy
     with pytest.raises(omnic.DeploymentError, match="noisy_spread"):
         MeasureConfig(noisy_spread=-1)
