@@ -136,7 +136,44 @@ def test_omnic_serve_registers_again_after_its_session_dies(farm):
         del session
 
 
+class _DeadServer:
+    """What supervise() sees of a server whose worker has exited (the real one is tested above)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.proc = SimpleNamespace(is_alive=lambda: False, _proc=SimpleNamespace(returncode=75))
+
+    def terminate(self):
+        pass
+
+
+def test_omnic_serve_exits_non_zero_and_says_why_when_it_cannot_register_again():
+    from omnic.remote import serve
+
+    lines: list[str] = []
+    starts: list[int | None] = []
+
+    def start_then_tracker_gone(port):
+        starts.append(port)
+        if len(starts) > 1:
+            raise DeviceUnreachableError("cannot reach the RPC tracker at 127.0.0.1:1")
+        return _DeadServer(9091)
+
+    t0 = time.monotonic()
+    assert serve.supervise(start_then_tracker_gone, restart_timeout_s=0.0, poll_s=0.01, log=lines.append) == 1
+    assert time.monotonic() - t0 < 10
+    assert starts == [None, 9091]  # restarted on the port it had
+    assert "registering again" in lines[0] and "ERROR" in lines[-1] and "127.0.0.1:1" in lines[-1]
+
+    # A server that keeps dying is a crash loop: give up after max_restarts.
+    lines.clear()
+    assert serve.supervise(lambda port: _DeadServer(9091), max_restarts=2, poll_s=0.01, log=lines.append) == 1
+    assert sum("registering again" in line for line in lines) == 2
+    assert "ERROR" in lines[-1] and "3 times" in lines[-1]
+
+
 # ------------------------------------------------------------------ 2. a key nobody has
+@pytest.mark.slow
 def test_every_path_that_leases_fails_at_once_on_a_key_no_server_has(farm, tmp_path):
     deployment = _deployment(farm, key="no-such-board")
     pattern = rf"no-such-board.*{farm.address}|{farm.address}.*no-such-board"
