@@ -31,13 +31,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from omnic.remote import serve
 
     key = args.key or get_device(args.device).rpc_key
-    server = serve.start_server(tracker=args.tracker, key=key, host=args.host, port=args.port,
-                                port_end=args.port_end, custom_addr=args.custom_addr, threads=args.threads,
-                                connect_timeout_s=args.connect_timeout, silent=args.silent)
     host, port = parse_address(args.tracker)
-    print(f"omnic: serving key {key!r} on {args.host}:{server.port}, registered at tracker "
-          f"{host}:{port}. {TRUSTED_NETWORK_WARNING}", flush=True)
-    return serve.wait(server)
+    port_end = args.port_end or args.port + 100
+
+    def start(previous_port: int | None):
+        # A restart asks for the port it had first, so the tracker lists the same address again.
+        server = serve.start_server(tracker=args.tracker, key=key, host=args.host, port=previous_port or args.port,
+                                    port_end=port_end, custom_addr=args.custom_addr, threads=args.threads,
+                                    connect_timeout_s=args.connect_timeout, silent=args.silent)
+        if previous_port is None:
+            print(f"omnic: serving key {key!r} on {args.host}:{server.port}, registered at tracker "
+                  f"{host}:{port}. {TRUSTED_NETWORK_WARNING}", flush=True)
+        return server
+
+    # A server that drops off the tracker (a session killed or crashed) is started again, loudly;
+    # if it cannot be, the command exits non-zero instead of listening unregistered.
+    return serve.supervise(start, restart_timeout_s=max(30.0, 6 * args.connect_timeout))
 
 
 def cli_devices(args: argparse.Namespace) -> int:

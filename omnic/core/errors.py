@@ -100,3 +100,8 @@ def describe(exc: BaseException, limit: int = DESCRIBE_LIMIT) -> str:
     if len(text) > limit:
         text = text[:limit].rstrip() + " ..."
     return f"{type(exc).__name__}: {text}"
+
+
+class NoServerError(DeviceUnreachableError):
+    """The tracker answers, but no server is registered under the deployment's key (checked before
+    any lease, so the caller learns it at once instead of after the lease timeout)."""

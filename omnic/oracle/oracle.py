@@ -19,6 +19,7 @@ from omnic.core.ir import TracedModel, trace
 from omnic.core.measure import PROTOCOL_REVISION, CompileFn, MeasureConfig, Measurement
 from omnic.oracle.store import LatencyStore, StoreKey
 from omnic.remote.session import export_for_upload
+from omnic.remote.tracker import require_servers
 from omnic.remote.batch import BatchConfig, FarmBatch, count_servers
 
 #: Unreachable-device errors that belong to one measurement, not to the device: a lease that timed
@@ -79,6 +80,10 @@ class Oracle:
         cached = self.store.get(key)
         if cached is not None and cached.ok:
             return cached
+        if deployment.is_remote:
+            # Before compiling: a key no server has fails now (NoServerError), not after a build
+            # and the whole lease timeout, and nothing about the candidate is stored.
+            require_servers(deployment.tracker, deployment.rpc_key)
         try:
             dm = self.compile_fn(traced, deployment, check=False, progress=False)
             try:
@@ -148,11 +153,7 @@ class Oracle:
             return results  # type: ignore[return-value]
 
         batch = batch or BatchConfig()
-        servers = count_servers(deployment, batch)
-        if servers == 0:
-            raise DeviceUnreachableError(
-                f"no server is registered under key {deployment.rpc_key!r} at tracker {deployment.tracker}; "
-                f"start one with `omnic serve --tracker {deployment.tracker} --key {deployment.rpc_key}`")
+        servers = count_servers(deployment, batch)  # NoServerError at once on a key nobody serves
         todo = list(groups.items())
         lock = threading.Lock()
         with tempfile.TemporaryDirectory(prefix="omnic-batch-") as tmp:

@@ -71,16 +71,20 @@ class LatencyStore:
 
     def get(self, key: StoreKey) -> Measurement | None:
         row = self._connect().execute(
-            "SELECT median_ms, spread, runs, results_ms, error FROM measurements WHERE device=? AND "
+            "SELECT median_ms, spread, runs, results_ms, error, extra FROM measurements WHERE device=? AND "
             "precision=? AND input_shape=? AND structural_hash=? AND context=?",
             (key.device, key.precision, key.input_shape, key.structural_hash, key.context)).fetchone()
         if row is None:
             return None
+        quality = _quality(row[5])
         return Measurement(median_ms=row[0], spread=row[1] or 0.0, runs=row[2] or 0,
                            results_ms=tuple(json.loads(row[3] or "[]")), error=row[4],
-                           device=key.device, cached=True)
+                           device=key.device, cached=True, **quality)
 
     def put(self, key: StoreKey, m: Measurement, extra: dict[str, Any] | None = None) -> None:
+        # The measurement's load, noise flag and attempts ride in `extra`: the key and the columns
+        # stay as they were, so stores written before keep answering.
+        extra = {**m.quality(), **(extra or {})}
         conn = self._connect()
         for attempt in range(20):
             try:
@@ -88,7 +92,7 @@ class LatencyStore:
                     "INSERT OR REPLACE INTO measurements VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (key.device, key.precision, key.input_shape, key.structural_hash, key.context,
                      m.median_ms, m.spread, m.runs, json.dumps(list(m.results_ms)), m.error,
-                     json.dumps(extra or {}), time.time()))
+                     json.dumps(extra), time.time()))
                 return
             except sqlite3.OperationalError as exc:  # "database is locked" beyond busy_timeout
                 if "locked" not in str(exc) or attempt == 19:
@@ -110,3 +114,21 @@ class LatencyStore:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def _quality(extra_text: str | None) -> dict[str, Any]:
+    """``load``/``noisy``/``attempts`` from a row's ``extra`` (rows written before carry none)."""
+    try:
+        extra = json.loads(extra_text or "{}")
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(extra, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(extra.get("load"), (int, float)) and not isinstance(extra.get("load"), bool):
+        out["load"] = float(extra["load"])
+    if isinstance(extra.get("noisy"), bool):
+        out["noisy"] = extra["noisy"]
+    if isinstance(extra.get("attempts"), int) and not isinstance(extra.get("attempts"), bool):
+        out["attempts"] = extra["attempts"]
+    return out

@@ -30,8 +30,8 @@ import numpy as np
 from omnic.core.deployment import Deployment
 from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError, ServerConnectError, describe
 from omnic.core.measure import MeasureConfig, Measurement, time_vm
-from omnic.remote.session import load_remote_vm, random_tensors
-from omnic.remote.tracker import RpcConfig, TrackerClient, connect_tracker
+from omnic.remote.session import load_remote_vm, random_tensors, server_load
+from omnic.remote.tracker import RpcConfig, TrackerClient, require_servers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +84,7 @@ def measure_on_server(session: Any, library: Path, deployment: Deployment, input
     """
     vm, dev, _ = load_remote_vm(session, library, deployment)
     inputs = random_tensors(list(zip(input_shapes, input_dtypes)), dev, np.random.default_rng(0))
-    return time_vm(vm, dev, inputs, config, device_name=deployment.device)
+    return time_vm(vm, dev, inputs, config, device_name=deployment.device, load_fn=lambda: server_load(session))
 
 
 class FarmBatch:
@@ -322,7 +322,11 @@ class FarmBatch:
 
 
 def count_servers(deployment: Deployment, batch: BatchConfig) -> int:
-    """Servers registered under the deployment's key (raises if the tracker is unreachable)."""
-    with connect_tracker(deployment.tracker, timeout_s=batch.connect_timeout_s) as client:
-        return len(client.servers(deployment.rpc_key))
+    """Servers registered under the deployment's key.
+
+    Raises:
+        NoServerError: None is (at once, naming the key and the tracker).
+        DeviceUnreachableError: The tracker is unreachable.
+    """
+    return len(require_servers(deployment.tracker, deployment.rpc_key, timeout_s=batch.connect_timeout_s))
 

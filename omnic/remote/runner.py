@@ -12,7 +12,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from omnic.core.deployment import Deployment
 from omnic.core.errors import DeviceUnreachableError
-from omnic.remote.tracker import connect_tracker
+from omnic.remote.tracker import require_servers
 
 
 def make_rpc_runner(deployment: Deployment | Mapping[str, Any],
@@ -45,12 +45,7 @@ def make_rpc_runner(deployment: Deployment | Mapping[str, Any],
         raise DeviceUnreachableError(
             f"make_rpc_runner needs a deployment with a tracker; {deployment.device!r} has none")
     host, port = deployment.tracker_address
-    with connect_tracker((host, port), timeout_s=connect_timeout_s) as client:
-        servers = client.servers(deployment.rpc_key)
-    if not servers:
-        raise DeviceUnreachableError(
-            f"no server is registered under key {deployment.rpc_key!r} at tracker {host}:{port}; start one with "
-            f"`omnic serve --tracker {host}:{port} --key {deployment.rpc_key}`")
+    servers = require_servers((host, port), deployment.rpc_key, timeout_s=connect_timeout_s)
     if evaluator_config is None:
         evaluator_config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
                                                      enable_cpu_cache_flush=False)

@@ -9,6 +9,7 @@ that ``vm["main"]`` returns over RPC is a remote object that cannot be indexed f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import uuid
@@ -21,7 +22,8 @@ import tvm
 from tvm import relax
 
 from omnic.core.deployment import Deployment
-from omnic.core.errors import DeviceUnreachableError, MeasurementError, describe
+from omnic.core.errors import (DeviceUnreachableError, MeasurementError, NoServerError, OmnicError,
+                               ServerConnectError, describe)
 from omnic.core.measure import MeasureConfig, Measurement, time_vm
 from omnic.remote.tracker import RpcConfig, TrackerClient
 
@@ -69,6 +71,20 @@ def random_tensors(signature: Sequence[tuple[Sequence[int], str]], dev: Any,
                           np.zeros(shape, dtype=dtype), dev) for shape, dtype in signature]
 
 
+#: The global function ``omnic serve`` registers on its server (omnic.remote.serve) to report its
+#: load; TVM's plain server has none, and its measurements are stored without a load.
+LOAD_FUNCTION = "omnic.server.loadavg"
+
+
+def server_load(session: Any) -> float | None:
+    """The 1-minute load average of the server behind ``session``, or None if it cannot say."""
+    try:
+        load = float(session.get_function(LOAD_FUNCTION)())
+    except Exception:  # noqa: BLE001 - not an omnic server, or an old one: the load is unknown
+        return None
+    return round(load, 2) if load >= 0 else None
+
+
 def run_remote_vm(vm: Any, inputs: Sequence[Any], func_name: str = "main") -> Any:
     """Run and fetch outputs through the stateful interface (tuples over RPC need it)."""
     vm.set_input(func_name, *inputs)
@@ -109,11 +125,17 @@ class RemoteRuntime:
         self._finalizer = weakref.finalize(self, RemoteRuntime._release, self.__dict__)
 
     # The lease is taken lazily so that building a DeviceModel never blocks on the farm.
-    def _ensure(self) -> None:
+    def _ensure(self, wait_s: float = 0.0) -> None:
         if self._vm is not None:
             return
         d = self.deployment
         self._client = TrackerClient(d.tracker, self.config)
+        try:
+            # A key nobody serves fails here at once, not after the whole lease timeout.
+            self._client.require_servers(d.rpc_key, wait_s=wait_s)
+        except OmnicError:
+            self.close()
+            raise
         self._tmp = tempfile.TemporaryDirectory(prefix="omnic-rpc-")
         lib = export_for_upload(self.executable, d, self._tmp.name)
         self._session, self.server = self._client.request(
@@ -146,9 +168,40 @@ class RemoteRuntime:
         return run_remote_vm(self._vm, [self.to_device(a) for a in arrays])
 
     def measure(self, arrays: Sequence[np.ndarray], config: MeasureConfig, device_name: str) -> Measurement:
-        """Time ``main`` on the device with the shared protocol (:func:`omnic.core.measure.time_vm`)."""
-        self._ensure()
-        return time_vm(self._vm, self._dev, [self.to_device(a) for a in arrays], config, device_name=device_name)
+        """Time ``main`` on the device with the shared protocol (:func:`omnic.core.measure.time_vm`).
+
+        A server that fails mid-measurement (its session killed, the connection lost) does not
+        fail the measurement: the lease is dropped and the model measured again on a fresh one,
+        up to ``config.max_retries`` times, waiting up to ``config.reregister_wait_s`` for a
+        server to be registered again. ``attempts`` in the result counts those tries.
+
+        Raises:
+            NoServerError: No server under the key (at once on the first try).
+            MeasurementError: Every try failed; the message lists each server's error.
+        """
+        faults: list[str] = []
+        for _ in range(self.config.max_retries + 1):
+            try:
+                self._ensure(wait_s=self.config.reregister_wait_s if faults else 0.0)
+                m = time_vm(self._vm, self._dev, [self.to_device(a) for a in arrays], config,
+                            device_name=device_name, load_fn=lambda: server_load(self._session))
+            except NoServerError as exc:
+                if not faults:
+                    raise
+                raise NoServerError(f"{exc} (the measurement was being retried after: {'; '.join(faults)})") from exc
+            except (ServerConnectError, MeasurementError) as exc:  # died between lease and load
+                faults.append(f"server {self.server}: {exc}")
+            except OmnicError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - TVM reports a lost session as a plain error
+                faults.append(f"server {self.server}: {describe(exc, limit=300)}")
+            else:
+                return dataclasses.replace(m, attempts=m.attempts + len(faults))
+            self.close()  # drop the broken lease; the next try leases afresh
+        raise MeasurementError(
+            f"measuring on {device_name} failed {len(faults)} times in a row, each on a fresh lease: "
+            f"{'; '.join(faults)}. Check the servers' logs (`omnic devices --tracker {self.deployment.tracker}` "
+            "lists them); a model that crashes every server it runs on fails this way too.")
 
     def kernel_times(self, inputs: Sequence[Any], *, runs: int = 10) -> list[dict[str, Any]]:
         """Per-kernel time on the device: each kernel the model calls, timed on its own there

@@ -24,7 +24,8 @@ from tvm import rpc
 from tvm.rpc import base
 
 from omnic.core.address import parse_address
-from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError, OmnicError, ServerConnectError, describe
+from omnic.core.errors import (DeviceUnreachableError, LeaseTimeoutError, NoServerError, OmnicError,
+                               ServerConnectError, describe)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,11 +38,17 @@ class RpcConfig:
         lease_timeout_s: Bound on waiting for a free server under the key.
         session_timeout_s: The server ends a session after this long (0: never). Used for
             per-candidate timeouts; a ``DeviceModel`` keeps its lease without one.
+        max_retries: A measurement whose server failed (session killed, connection lost) is
+            retried this many times, each on a fresh lease.
+        reregister_wait_s: Before such a retry, how long to wait for a server under the key to
+            be registered again (``omnic serve`` re-registers after a failed session).
     """
 
     connect_timeout_s: float = 10.0
     lease_timeout_s: float = 120.0
     session_timeout_s: float = 0.0
+    max_retries: int = 2
+    reregister_wait_s: float = 30.0
 
 
 class TrackerClient:
@@ -141,6 +148,32 @@ class TrackerClient:
                 out.append(f"{addr[0]}:{addr[1]}")
         return sorted(out)
 
+    def require_servers(self, key: str, *, wait_s: float = 0.0) -> list[str]:
+        """The servers registered under ``key``; fail at once when there are none.
+
+        A lease request for a key nobody serves would wait the whole lease timeout in silence:
+        every path that leases asks this first. ``wait_s`` > 0 gives a server that is
+        re-registering (after ``omnic serve`` restarted it) that long to come back.
+
+        Raises:
+            NoServerError: No server under ``key`` (after ``wait_s``), naming the key and tracker.
+            DeviceUnreachableError: The tracker does not answer.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            servers = self.servers(key)
+            if servers or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        if not servers:
+            others = sorted({str(i.get("key", "")).split(":", 1)[-1] for i in self.summary().get("server_info", [])})
+            waited = f" (waited {wait_s:g} s)" if wait_s > 0 else ""
+            raise NoServerError(
+                f"no server is registered under key {key!r} at tracker {self.address}{waited}; keys with servers "
+                f"there: {', '.join(map(repr, others)) or 'none'}. Start one on the device with `omnic serve "
+                f"--tracker {self.address} --key {key}`, or fix the deployment's key.")
+        return servers
+
     def request(self, key: str, *, session_timeout_s: float = 0.0, wait_s: float | None = None,
                 priority: int = 1) -> tuple[Any, str]:
         """Lease a server under ``key`` and open a session on it.
@@ -208,6 +241,16 @@ def connect_tracker(address: str | tuple[str, int], *, timeout_s: float = 10.0) 
     return TrackerClient(address, RpcConfig(connect_timeout_s=timeout_s))
 
 
+def require_servers(address: str | tuple[str, int], key: str, *, timeout_s: float = 10.0,
+                    wait_s: float = 0.0) -> list[str]:
+    """The servers under ``key`` at the tracker ``address``; :class:`NoServerError` at once if none.
+
+    The one check every leasing path runs first (see :meth:`TrackerClient.require_servers`).
+    """
+    with connect_tracker(address, timeout_s=timeout_s) as client:
+        return client.require_servers(key, wait_s=wait_s)
+
+
 def queue_status(address: str | tuple[str, int], *, timeout_s: float = 10.0) -> list[dict[str, Any]]:
     """One row per key at the tracker: ``{"key", "servers", "free", "pending", "addresses"}``."""
     with connect_tracker(address, timeout_s=timeout_s) as client:
@@ -226,4 +269,4 @@ def queue_status(address: str | tuple[str, int], *, timeout_s: float = 10.0) -> 
     return rows
 
 
-__all__ = ["RpcConfig", "TrackerClient", "connect_tracker", "queue_status"]
+__all__ = ["RpcConfig", "TrackerClient", "connect_tracker", "queue_status", "require_servers"]
