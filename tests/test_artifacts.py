@@ -61,7 +61,7 @@ def load_in_subprocess(path):
             sys.exit(0)
         sys.exit(3)
     """)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ))
 
 

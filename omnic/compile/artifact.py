@@ -13,8 +13,9 @@ import json
 import os
 import struct
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import tvm
@@ -176,8 +177,8 @@ def _check_schema(meta: dict[str, Any], meta_path: Path, version: int) -> None:
         raise ArtifactError(f"{meta_path}: key 'checksums' has no entry for the library {library!r}; "
                             f"{_REEXPORT}")
     cpu = _require(meta, "cpu", meta_path, (dict, type(None)), "an object or null")
-    if cpu is not None and not (all(isinstance(cpu.get(k), (str, type(None))) for k in ("arch", "triple", "mcpu"))
-                                and isinstance(cpu.get("features"), list)
+    names_ok = cpu is None or all(isinstance(cpu.get(k), (str, type(None))) for k in ("arch", "triple", "mcpu"))
+    if cpu is not None and not (names_ok and isinstance(cpu.get("features"), list)
                                 and all(isinstance(f, str) for f in cpu["features"])):
         _wrong(meta_path, "cpu", "{'arch': str, 'triple': str, 'mcpu': str, 'features': [str, ...]}", cpu)
 
@@ -224,7 +225,7 @@ def _warn_unverified(path: Path, meta: Mapping[str, Any], runs_here: bool) -> No
             raise ArtifactError(f"{library} is damaged: {problem}; {_REEXPORT}")
     warnings.warn(f"{path} has no checksums (artifact version 1, exported by an older omnic): its files "
                   "cannot be verified before loading; re-export it with this omnic to have them checked",
-                  UserWarning, stacklevel=3)
+                  UserWarning, stacklevel=4)  # points at the caller of omnic.load
 
 
 def elf_truncation(path: Path) -> str | None:
