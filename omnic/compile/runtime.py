@@ -15,14 +15,15 @@ import tvm
 from tvm import relax
 
 from omnic import __version__
+from omnic.compile.artifact import ARTIFACT_VERSION, file_checksums, read_verified, write_metadata
 from omnic.compile.build import device_source
 from omnic.compile.report import CompileReport, plain
-from omnic.compile.target import tvm_target
+from omnic.compile.target import cpu_record, tvm_target
 from omnic.core.deployment import Deployment
-from omnic.core.errors import ArtifactError, DeviceUnreachableError, InputShapeError
+from omnic.core.errors import ArtifactError, DeviceUnreachableError, InputShapeError, describe
 from omnic.core.measure import MeasureConfig, Measurement, time_vm
 
-ARTIFACT_VERSION = 1
+__all__ = ["ARTIFACT_VERSION", "DeviceModel", "LocalRuntime", "attach_hint", "load", "outputs_to_torch"]
 
 
 def attach_hint(deployment: Deployment) -> str:
@@ -182,6 +183,10 @@ class DeviceModel:
     def export(self, directory: str | os.PathLike) -> Path:
         """Write the deployable library and ``metadata.json`` (plus kernel source for GPUs).
 
+        The metadata records the sha256 and size of every file and the CPU the build needs
+        (architecture, ``mcpu``, instruction-set features), which :func:`load` checks before it
+        loads anything.
+
         Returns:
             The directory written.
         """
@@ -197,12 +202,15 @@ class DeviceModel:
             src_name = "kernels.cu" if kind == "cuda" else "kernels.cl"
             (out / src_name).write_text(text)
             files.append(src_name)
+        target = tvm_target(spec, num_threads=self.deployment.threads)
         meta = {
             "artifact_version": ARTIFACT_VERSION,
             "library": lib_name,
             "files": files,
+            "checksums": file_checksums(out, files),
             "device": spec.name,
-            "target": str(tvm_target(spec, num_threads=self.deployment.threads)),
+            "target": str(target),
+            "cpu": cpu_record(target),
             "deployment": self.deployment.to_dict(),
             "precision": self.deployment.precision,
             "inputs": [{"shape": list(s), "dtype": d} for s, d in zip(self.input_shapes, self.input_dtypes)],
@@ -215,7 +223,7 @@ class DeviceModel:
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "report": _jsonable(plain(self.report)),
         }
-        (out / "metadata.json").write_text(json.dumps(meta, indent=2))
+        write_metadata(out, meta)
         return out
 
 
@@ -224,36 +232,40 @@ def _jsonable(value: Any) -> Any:
 
 
 def load(directory: str | os.PathLike) -> DeviceModel:
-    """Load an artifact written by :meth:`DeviceModel.export`.
+    """Load an artifact written by :meth:`DeviceModel.export`, after verifying it.
 
-    Host artifacts load and run here; artifacts for other devices load their metadata and run
-    through the deployment's tracker (when it is attached).
+    Nothing is loaded before the checks pass: the metadata's keys and types, its version, the
+    sha256 and size of every file, and, for builds that run here, this CPU's architecture and
+    instruction-set features (see :func:`omnic.compile.artifact.read_verified`). Host artifacts
+    load and run here; artifacts for other devices load their metadata and run through the
+    deployment's tracker (when it is attached).
+
+    Args:
+        directory: The folder :meth:`DeviceModel.export` wrote.
+
+    Returns:
+        The loaded model; its ``report`` is the compile report's dict form.
 
     Raises:
-        ArtifactError: Missing files or a library this machine cannot load.
+        ArtifactError: A missing or damaged file, metadata that is not what export writes, an
+            artifact from a newer omnic, a build this CPU cannot run, or a library this machine
+            cannot load; the message names the file (and key) and what to do.
     """
-    path = Path(directory)
-    meta_path = path / "metadata.json"
-    if not meta_path.exists():
-        raise ArtifactError(f"{path} has no metadata.json; export a model with DeviceModel.export(dir) first")
-    meta = json.loads(meta_path.read_text())
-    lib_path = path / meta["library"]
-    if not lib_path.exists():
-        raise ArtifactError(f"{lib_path} is missing: the artifact folder is incomplete")
-    deployment = Deployment.coerce(meta["deployment"])
-    runtime = None
+    meta, deployment = read_verified(directory)
+    lib_path = Path(directory) / meta["library"]
     if deployment.spec.local and not deployment.is_remote:
         try:
             executable = tvm.runtime.load_module(str(lib_path))
-        except Exception as exc:
-            raise ArtifactError(f"cannot load {lib_path} on this machine: {exc}") from exc
+        except Exception as exc:  # TVM raises its own error types for a library it cannot load
+            raise ArtifactError(f"cannot load {lib_path} on this machine ({describe(exc)}); compile the "
+                                "model again here and export it") from exc
     else:
         executable = _FileExecutable(lib_path)
     return DeviceModel(executable=executable, deployment=deployment,
                        input_shapes=[tuple(i["shape"]) for i in meta["inputs"]],
                        input_dtypes=[i["dtype"] for i in meta["inputs"]],
                        output_is_tuple=meta["output_is_tuple"], structural_hash=meta["structural_hash"],
-                       report=meta.get("report", {}), runtime=runtime)
+                       report=meta.get("report", {}))
 
 
 class _FileExecutable:
