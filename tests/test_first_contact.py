@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import omnic
 from omnic import engine, nas
 from omnic.cli.app import main
 from omnic.compile.profiler import count_flops
