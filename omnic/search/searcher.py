@@ -34,10 +34,10 @@ from omnic.core.deployment import Deployment
 from omnic.core.errors import InfeasibleConstraintError, SearchError
 from omnic.core.measure import Oracle
 from omnic.search.autonas import EvolutionStrategy, SearchConfig
+from omnic.search.options import progress_bar, short
 from omnic.search.predictor import ArchLatencyModel
 from omnic.search.result import SearchResult, pareto_front
 from omnic.search.space import Config, SearchSpace
-from omnic.search.options import progress_bar, short
 from omnic.search.strategy import Strategy
 from omnic.search.train import fixed_batches, preserved_bn_stats, recalibrate_bn
 
