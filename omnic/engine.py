@@ -203,6 +203,8 @@ def get_latency(model: Any, deployment: Any = None, example_inputs: Any = None, 
 
     Raises:
         DeviceUnreachableError: The device is neither this machine nor attached through a tracker.
+        UnsupportedOperatorError: An operator the compiler cannot lower (named, with a workaround).
+        MeasurementError: Building or running the model failed.
     """
     traced, deployment = _coerce(model, deployment, example_inputs)
     _require_measurable(deployment)

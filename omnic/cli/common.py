@@ -4,18 +4,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import sys
 from typing import Any
 
 from omnic.core.errors import OmnicError
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape`` as a tuple (``"1,3,224,224"`` or ``"1x3x224x224"``), or None when not given.
+
+    Raises:
+        DeploymentError: Not a list of positive integers.
+    """
     if not text:
         return None
-    try:
-        return tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
-    except ValueError:
-        raise OmnicError(f"--input-shape must look like 1,3,224,224, got {text!r}") from None
+    from omnic.core.deployment import parse_input_shape
+
+    return parse_input_shape(text)
 
 
 def load_model_spec(spec: str, input_shape: tuple[int, ...] | None):
@@ -36,6 +42,11 @@ def load_model_spec(spec: str, input_shape: tuple[int, ...] | None):
     module_name, sep, attr = spec.partition(":")
     if not sep:
         raise OmnicError(f"model {spec!r}: use module:factory, a zoo name ({', '.join(zoo.ZOO)}) or an .onnx path")
+    # the `omnic` script's sys.path holds its own folder, not the working directory: put that
+    # first, as `python -m` does, so `omnic latency mymod:factory` finds ./mymod.py
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

@@ -15,6 +15,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 from omnic.core.errors import CompileError, TraceError, UnsupportedOperatorError, describe
 from omnic.core.ir import TracedModel, fused_graph
+from omnic.core.quiet import known_warnings_filtered
 
 
 def _export(traced: TracedModel) -> torch.export.ExportedProgram:
@@ -88,7 +89,8 @@ def lower(traced: TracedModel) -> tvm.IRModule:
         return _lower_onnx(traced)
     ep = _export(traced)
     try:
-        return from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+        with known_warnings_filtered():  # torch's pytree FutureWarning, once per import
+            return from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True)
     except Exception as exc:
         if "Unsupported" in str(exc):
             raise _unsupported_op_error(exc, ep) from exc

@@ -22,6 +22,7 @@ from omnic.compile.target import cpu_record, tvm_target
 from omnic.core.deployment import Deployment
 from omnic.core.errors import ArtifactError, DeviceUnreachableError, InputShapeError, describe
 from omnic.core.measure import MeasureConfig, Measurement, time_vm
+from omnic.core.quiet import native_stderr_filtered
 
 __all__ = ["ARTIFACT_VERSION", "DeviceModel", "LocalRuntime", "attach_hint", "load", "outputs_to_torch"]
 
@@ -137,6 +138,12 @@ class DeviceModel:
                 raise InputShapeError(
                     f"input {i} has shape {tuple(arr.shape)} but the model was compiled for {shape}; "
                     "compile again with example inputs of the new shape (shapes are static in TVM)")
+            if arr.dtype.kind != np.dtype(dtype).kind:
+                # int64 pixels into a float32 model are a mistake (or a missing x.float()), not
+                # something to cast quietly; float64 -> float32 (numpy's default) still converts
+                raise InputShapeError(
+                    f"input {i} is {arr.dtype}, the model was compiled for {dtype}: pass x.to(torch.{dtype}) "
+                    f"(omnic casts between float widths only)")
             arrays.append(arr.astype(dtype, copy=False))
         return arrays
 
@@ -194,7 +201,8 @@ class DeviceModel:
         out.mkdir(parents=True, exist_ok=True)
         spec = self.deployment.spec
         lib_name = f"model.{spec.export_format}"
-        self.executable.export_library(str(out / lib_name))
+        with native_stderr_filtered():  # TVM's "Scope Saving" lines, one per memory scope
+            self.executable.export_library(str(out / lib_name))
         files = [lib_name]
         source = device_source(self.executable)
         if source is not None:

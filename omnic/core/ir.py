@@ -5,9 +5,12 @@ Accepted inputs: an ``nn.Module`` with example inputs, an ``fx.GraphModule``, a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,17 +191,125 @@ def structural_hash_of(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+class _TrackingShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, to name it when the model fails."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        # ShapeProp prints the whole traceback of a failing node to stderr before it re-raises;
+        # the InputShapeError says it in three lines. What a node that succeeds prints is kept.
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):
+            result = super().run_node(n)
+        if buf.getvalue():
+            sys.stderr.write(buf.getvalue())
+        return result
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain: ShapeProp wraps the real error in a RuntimeError whose
+    text is a dump of the fx node."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+def _model_float_dtype(gm: nn.Module) -> torch.dtype | None:
+    for p in list(gm.parameters()) + list(gm.buffers()):
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _first_layer(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> tuple[int, str, nn.Module] | None:
+    """``(input index, module name, module)`` of the first conv or linear layer in execution order
+    when it reads a model input directly (its weight says what that input must look like)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            arg = node.args[0] if node.args else None
+            if arg in placeholders and placeholders.index(arg) < len(inputs):
+                return placeholders.index(arg), str(node.target), mod
+            return None
+    return None
+
+
+def _input_mismatch(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """The likely cause of a failed run on ``inputs`` in one line, from the model's weights: a
+    dtype that is not the weights', a rank or channel count the first layer cannot take."""
+    want = _model_float_dtype(gm)
+    first = _first_layer(gm, inputs)
+    if want is not None:
+        model_dtype = str(want).replace("torch.", "")
+        for i, t in enumerate(inputs):
+            # an integer input may be token ids for an embedding: only one a conv or linear layer
+            # reads directly is a dtype mistake
+            if t.dtype != want and (t.is_floating_point() or (first is not None and first[0] == i)):
+                got = str(t.dtype).replace("torch.", "")
+                return (f"{got} input, model is {model_dtype}: pass x.to(torch.{model_dtype}) "
+                        f"(input {i}; omnic does not cast inputs silently)")
+    if first is None:
+        return None
+    i, name, mod = first
+    shape = tuple(inputs[i].shape)
+    if isinstance(mod, nn.Linear):
+        if not shape or shape[-1] != mod.in_features:
+            got = shape[-1] if shape else "a scalar"
+            return (f"expected {mod.in_features} input features in the last dimension, got {got} "
+                    f"(input {i} has shape {shape}; the first layer {name!r} is {mod})")
+        return None
+    dims = len(mod.kernel_size)
+    if len(shape) not in (dims + 1, dims + 2):
+        layout = "(N, C, " + ", ".join("DHW"[3 - dims:]) + ")"
+        return (f"expected a {dims + 2}-d input {layout}, got {len(shape)}-d shape {shape} "
+                f"(the first layer {name!r} is a {type(mod).__name__})")
+    channels = mod.weight.shape[1] * mod.groups
+    got = shape[1] if len(shape) == dims + 2 else shape[0]
+    if got != channels:
+        return (f"expected {channels} input channels, got {got} (input {i} has shape {shape}; the first "
+                f"layer {name!r} has in_channels={channels})")
+    return None
+
+
+def explain_input_error(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], exc: BaseException,
+                        node: fx.Node | None = None) -> InputShapeError:
+    """The :class:`InputShapeError` for a model that failed on its example inputs: the cause in
+    one line first, then torch's own message (its first line) and where it was raised.
+
+    Args:
+        gm: The traced model.
+        inputs: The example inputs it failed on.
+        exc: What running it raised.
+        node: The fx node that was running, when known.
+    """
+    root = _root_cause(exc)
+    detail = (str(root).strip().splitlines() or [""])[0][:300]
+    shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
+    cause = _input_mismatch(gm, inputs)
+    head = cause or f"the model fails on example inputs {shapes}"
+    where = ""
+    if node is not None:
+        where = f" at node {node.name!r}" + (f" (module {node.target!r})" if node.op == "call_module" else "")
+    line = _user_frame(root)
+    return InputShapeError(
+        f"{head}\n  torch: {type(root).__name__}: {detail}{where}" + (f"\n  at {line}" if line else "") +
+        f"\n  fix: pass example inputs shaped and typed like one real batch (got {shapes})")
+
+
 def _record_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
+    prop = _TrackingShapeProp(gm)
     try:
         with torch.no_grad():
-            return ShapeProp(gm).propagate(*inputs)
+            return prop.propagate(*inputs)
     except Exception as exc:
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        line = _user_frame(exc)
-        raise InputShapeError(
-            f"running the model on example inputs of shape {shapes} failed: {type(exc).__name__}: "
-            f"{exc}" + (f"\n  at {line}" if line else "") +
-            "\n  fix: pass example inputs with the shapes the model expects") from exc
+        raise explain_input_error(gm, inputs, exc, prop.current) from exc
 
 
 def fused_graph(gm: fx.GraphModule) -> fx.GraphModule:

@@ -299,6 +299,7 @@ def get_model(name: str, *, seed: int = 0, calibrate: bool = True, input_shape: 
 
     Raises:
         KeyError: Unknown name (the message lists the zoo).
+        InputShapeError: ``input_shape`` is one the model cannot take (the message says why).
     """
     if name not in ZOO:
         raise KeyError(f"unknown zoo model {name!r}; the zoo has: {', '.join(ZOO)}")
@@ -306,7 +307,16 @@ def get_model(name: str, *, seed: int = 0, calibrate: bool = True, input_shape: 
     shape = tuple(input_shape or entry.input_shape)
     torch.manual_seed(seed)
     model = entry.factory()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
     if calibrate:
-        calibrate_bn(model, shape, seed=seed)
+        try:
+            calibrate_bn(model, shape, seed=seed)
+        except Exception:
+            # a shape the model cannot take (`--input-shape 1,3`): tracing it fails the same way and
+            # says why in one line (InputShapeError); any other failure is re-raised as it was
+            from omnic.core.ir import trace
+
+            trace(model.eval(), x)
+            raise
     model.eval()
-    return model, torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    return model, x

@@ -14,7 +14,8 @@ from omnic.compile.pipeline import PIPELINE_REVISION
 from omnic.compile.target import host_cpu_name
 from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
-from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError, ServerConnectError, describe
+from omnic.core.errors import (DeviceUnreachableError, LeaseTimeoutError, ServerConnectError,
+                                UnsupportedOperatorError, describe)
 from omnic.core.ir import TracedModel, trace
 from omnic.core.measure import PROTOCOL_REVISION, CompileFn, MeasureConfig, Measurement
 from omnic.oracle.store import LatencyStore, StoreKey
@@ -73,6 +74,11 @@ class Oracle:
 
         Failures come back as a Measurement with ``error`` set, not as exceptions, so a batch of
         candidates is never lost to one bad one.
+
+        Raises:
+            UnsupportedOperatorError: The model holds an operator the compiler cannot lower (it
+                names the operator and the workaround; nothing is stored).
+            DeviceUnreachableError: No device to measure on.
         """
         deployment = Deployment.coerce(deployment)
         traced = model if isinstance(model, TracedModel) else trace(model, example_inputs)
@@ -94,6 +100,10 @@ class Oracle:
         except Exception as exc:  # noqa: BLE001 - a failed candidate is data
             if isinstance(exc, DeviceUnreachableError) and not isinstance(exc, _CANDIDATE_FAULTS):
                 raise  # no device to measure on: nothing about the candidate to record
+            if isinstance(exc, UnsupportedOperatorError):
+                # the model, not the measurement, is at fault: every retry fails the same way, and the
+                # user needs the operator and the workaround, not a generic MeasurementError
+                raise
             measurement = Measurement(median_ms=None, error=describe(exc), device=deployment.device)
         self.store.put(key, measurement)
         self.fresh_measurements += 1

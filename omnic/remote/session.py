@@ -25,6 +25,7 @@ from omnic.core.deployment import Deployment
 from omnic.core.errors import (DeviceUnreachableError, MeasurementError, NoServerError, OmnicError,
                                ServerConnectError, describe)
 from omnic.core.measure import MeasureConfig, Measurement, time_vm
+from omnic.core.quiet import native_stderr_filtered
 from omnic.remote.tracker import RpcConfig, TrackerClient
 
 
@@ -33,7 +34,8 @@ def export_for_upload(executable: Any, deployment: Deployment, directory: str | 
     device (``host``), ``.tar`` otherwise (the server links it with its own compiler)."""
     ext = deployment.spec.export_format
     path = Path(directory) / f"omnic_{uuid.uuid4().hex[:12]}.{ext}"
-    executable.export_library(str(path))
+    with native_stderr_filtered():  # TVM's "Scope Saving" lines, one per memory scope
+        executable.export_library(str(path))
     return path
 
 

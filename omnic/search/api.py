@@ -14,6 +14,7 @@ from omnic.search.autonas import SearchConfig
 from omnic.search.channels import sort_channels
 from omnic.search.convert import ConvertConfig, convert
 from omnic.search.fastnas import FastNASConfig
+from omnic.search.options import refuse_unknown
 from omnic.search.result import MultiSearchResult, SearchResult
 from omnic.search.sampling import RandomStrategy  # noqa: F401  registers the "random" strategy
 from omnic.search.searcher import Constraints, Searcher
@@ -42,9 +43,7 @@ def omnimize(model: nn.Module, mode: str = "autonas", example_inputs: Any = None
     if divisor is None:
         divisor = Deployment.coerce(deployment).spec.channel_multiple if deployment is not None else 8
     fields = {f.name for f in dataclasses.fields(ConvertConfig)}
-    unknown = set(kwargs) - fields
-    if unknown:
-        raise SearchError(f"unknown omnimize options {sorted(unknown)}; known: {sorted(fields - {'mode'})}")
+    refuse_unknown("omnimize", kwargs, fields - {"mode", "divisor"} | {"deployment", "divisor"})
     for key in ("freeze", "width_ratios", "kernel_sizes", "resolutions"):
         if key in kwargs and kwargs[key] is not None:
             kwargs[key] = (kwargs[key],) if isinstance(kwargs[key], (str, int, float)) else tuple(kwargs[key])
@@ -53,6 +52,11 @@ def omnimize(model: nn.Module, mode: str = "autonas", example_inputs: Any = None
     if mode == "fastnas":
         omni.channel_permutation = sort_channels(omni)
     return omni
+
+
+#: Keyword arguments of :func:`search` itself (not config fields), for close-match suggestions.
+_SEARCH_KEYWORDS = frozenset({"constraints", "deployment", "score_fn", "mode", "config", "oracle",
+                              "calib_loader", "checkpoint_dir", "progress"})
 
 
 def _deployments(deployment: Any) -> list[Deployment]:
@@ -69,7 +73,7 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
            score_fn: Callable[[nn.Module], float] | None = None, *, mode: str | None = None,
            config: SearchConfig | FastNASConfig | None = None, oracle: Oracle | None = None,
            calib_loader: Iterable | None = None, checkpoint_dir: str | Path | None = None,
-           progress: bool = False, **overrides: Any) -> SearchResult | MultiSearchResult:
+           progress: bool | None = None, **overrides: Any) -> SearchResult | MultiSearchResult:
     """Find the best subnet that meets ``constraints`` on the deployment's device.
 
     Args:
@@ -82,14 +86,16 @@ def search(omni_model: OmniModel, constraints: Any, deployment: Any = None,
         mode: ``"autonas"`` (evolution), ``"random"`` (baseline) or ``"fastnas"``; default from
             how the model was omnimized.
         config: :class:`SearchConfig` (autonas/random) or :class:`FastNASConfig`; keyword
-            ``overrides`` replace its fields (``population=8, seed=1``...).
+            ``overrides`` replace its fields (``population=8, seed=1``...); a name that is not a
+            field raises :class:`SearchError` naming the closest valid ones.
         oracle: The exact latency oracle (the facade :func:`omnic.nas.search` passes the default).
         calib_loader: Batches for BatchNorm recalibration of each candidate before scoring (its
             first ``calib_batches`` batches are used; pass an unshuffled loader for searches that
             reproduce and resume exactly).
         checkpoint_dir: Checkpoints go here; a search started again with the same arguments
             resumes where it stopped.
-        progress: Print progress lines.
+        progress: Show a progress bar on stderr (rounds, measurements, the best so far); the
+            default None shows it when stderr is a terminal.
 
     Returns:
         A :class:`SearchResult`, or a :class:`MultiSearchResult` (by device) for several
@@ -136,6 +142,9 @@ def _settings(mode: str, config: Any, overrides: Mapping[str, Any], checkpoint_d
     """The strategy's settings: ``config`` when it is of the mode's class (else the defaults),
     with ``overrides`` (and FastNAS's sensitivity map kept in ``checkpoint_dir``)."""
     cls = config_class(mode)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    # the search's own keywords are valid names too: a misspelled one lands in **overrides
+    refuse_unknown(f"search (mode {mode!r})", overrides, fields | _SEARCH_KEYWORDS)
     cfg = dataclasses.replace(config if isinstance(config, cls) else cls(), **overrides)
     if cls is FastNASConfig and checkpoint_dir is not None:
         cfg = dataclasses.replace(cfg, checkpoint_dir=str(checkpoint_dir))

@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from omnic.core.deployment import Deployment
 from omnic.core.errors import InfeasibleConstraintError, SearchError
 from omnic.core.measure import Oracle
 from omnic.search.autonas import EvolutionStrategy, SearchConfig
+from omnic.search.options import progress_bar, short
 from omnic.search.predictor import ArchLatencyModel
 from omnic.search.result import SearchResult, pareto_front
 from omnic.search.space import Config, SearchSpace
@@ -45,6 +47,9 @@ _COST_KEYS = ("params", "flops", "memory")
 @dataclass(frozen=True, kw_only=True)
 class Constraints:
     """Search constraints.
+
+    :meth:`coerce` takes a dict of these (or a bare latency); a latency may also be written with
+    its unit, ``"5ms"`` or ``"5 ms"`` (read as 5.0). Every limit must be a finite number > 0.
 
     Attributes:
         latency: Measured latency budget in ms on the deployment's device.
@@ -62,24 +67,42 @@ class Constraints:
     def coerce(cls, value: Any) -> "Constraints":
         if isinstance(value, Constraints):
             return value
-        if isinstance(value, (int, float)):
-            return cls(latency=float(value))
+        if isinstance(value, (numbers.Real, str)) and not isinstance(value, bool):
+            return cls(latency=_limit("latency", value))
         if not isinstance(value, Mapping):
             raise SearchError(f"constraints must be a dict like {{'latency': 3.0}}, got {type(value).__name__}")
         unknown = set(value) - {"latency", "params", "flops", "memory"}
         if unknown:
             raise SearchError(f"unknown constraints {sorted(unknown)}; use latency (ms), params, flops, memory (MB)")
-        out = cls(**{k: (None if v is None else float(v)) for k, v in value.items()})
-        for k, v in asdict(out).items():
-            if v is not None and v <= 0:
-                raise SearchError(f"constraint {k} must be positive, got {v}")
-        return out
+        return cls(**{k: (None if v is None else _limit(k, v)) for k, v in value.items()})
 
     def cost_ok(self, cost: Mapping[str, float]) -> bool:
         return all(getattr(self, k) is None or cost[k] <= getattr(self, k) for k in _COST_KEYS)
 
     def to_dict(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _limit(name: str, value: Any) -> float:
+    """One constraint as a finite positive float; ``"5ms"``/``"5 ms"`` for the latency (its only
+    unit: reading "5s" as 5 ms would be a wrong answer, so other units are refused)."""
+    number: Any = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if name == "latency" and text.endswith("ms"):
+            text = text[:-2].strip()
+        try:
+            number = float(text)
+        except ValueError:
+            unit = " in ms, e.g. 5.0 or \"5ms\"" if name == "latency" else ", e.g. 1e6"
+            raise SearchError(f"constraint {name}={value!r} is not a number: give it{unit}") from None
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise SearchError(f"constraint {name} must be a number, got {type(value).__name__} {value!r}")
+    number = float(number)
+    if not math.isfinite(number) or number <= 0:
+        raise SearchError(f"constraint {name} must be a finite number > 0, got {value!r}; "
+                          "leave the key out for no limit")
+    return number
 
 
 # ---------------------------------------------------------------------------------------- search
@@ -107,13 +130,13 @@ class Searcher:
         strategy: What to look at (default: an :class:`EvolutionStrategy` over ``config``).
         calib_loader: Batches for BN recalibration before scoring (with ``calib_batches``).
         checkpoint: JSON file to checkpoint to and resume from.
-        progress: Print one line per round.
+        progress: A progress bar on stderr (rounds, measurements, best); None: when stderr is a terminal.
     """
 
     def __init__(self, omni_model: Any, constraints: Constraints, deployment: Deployment,
                  score_fn: Callable[[Any], float], oracle: Oracle, config: SearchConfig | None = None, *,
                  strategy: Strategy | None = None, calib_loader: Iterable | None = None,
-                 checkpoint: str | Path | None = None, progress: bool = False):
+                 checkpoint: str | Path | None = None, progress: bool | None = None):
         if config is None and strategy is None:
             raise SearchError("a Searcher needs a SearchConfig or a strategy")
         self.omni = omni_model
@@ -126,6 +149,7 @@ class Searcher:
         self.calib_loader = fixed_batches(calib_loader, self.config.calib_batches)
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.progress = progress
+        self._bar: Any = None  # the progress bar while run() runs
         self.strategy = strategy or EvolutionStrategy(self.space, self.config, getattr(omni_model, "canonical", None))
         self.predictor = ArchLatencyModel(self._features, self.config.predictor)
         self._cost_cache: dict[str, dict[str, float]] = {}
@@ -224,8 +248,8 @@ class Searcher:
         self.fresh_measurements += 0 if getattr(m, "cached", False) else 1
         lat = float(m.median_ms) if m.ok else None
         self.memo_latency[self.space.key(cfg)] = lat
-        if self.progress and not self.strategy.uses_predictor:
-            print(f"[{self.strategy.kind}] measured {lat} ms", flush=True)
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"measured {len(self.memo_latency)}, last {lat} ms", refresh=True)
 
     def measure_batch(self, cfgs: list[Config]) -> None:
         """Measure several candidates at once where the oracle can (``measure_many``: in parallel
@@ -380,6 +404,16 @@ class Searcher:
             self.generation = 0
             self._commit()
         self.strategy.start(self)
+        total = self.config.generations if self.config.generations > 0 else None
+        self._bar = progress_bar(self.progress, total=total, initial=self.generation,
+                                 desc=f"search {self.strategy.kind} on {self.deployment.device}", unit="round")
+        try:
+            return self._loop(t0, resumed)
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def _loop(self, t0: float, resumed: bool) -> SearchResult:
         if self.generation == 0:
             self._measure_anchors()
         screen = self.screen if self.strategy.uses_predictor else self.unmeasured_within_cost
@@ -392,8 +426,8 @@ class Searcher:
             record = self.strategy.record(self, proposals)
             if record is not None:
                 self.history.append(record)
-                if self.progress:
-                    print(f"[{self.strategy.kind}] gen {self.generation}: {record}", flush=True)
+                self._bar.set_postfix_str(short(record), refresh=False)
+            self._bar.update(1)
             self.generation += 1
             self._commit()
         self._final_verification()

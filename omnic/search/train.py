@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnic.core.errors import SearchError
+from omnic.search.options import progress_bar, refuse_unknown
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +48,8 @@ def _batches(loader: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def train_supernet(omni_model: nn.Module, loader: Iterable, config: SandwichConfig | None = None, *,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                   optimizer: torch.optim.Optimizer | None = None, **overrides: Any) -> dict[str, list[float]]:
+                   optimizer: torch.optim.Optimizer | None = None, progress: bool | None = None,
+                   **overrides: Any) -> dict[str, list[float]]:
     """Train an :class:`~omnic.search.supernet.OmniModel` with the sandwich rule.
 
     Each step runs the largest subnet on the labels, then the smallest and ``num_random`` random
@@ -60,12 +62,15 @@ def train_supernet(omni_model: nn.Module, loader: Iterable, config: SandwichConf
         config: A :class:`SandwichConfig`; keyword ``overrides`` replace its fields.
         loss_fn: Loss of the largest subnet (default: cross-entropy).
         optimizer: Your optimizer (default: SGD with the config's settings).
+        progress: A progress bar on stderr (steps, the largest subnet's loss); the default None
+            shows it when stderr is a terminal.
 
     Returns:
         ``{"loss_max": [...], "loss_min": [...]}`` per step.
     """
     import dataclasses
 
+    refuse_unknown("train_supernet", overrides, [f.name for f in dataclasses.fields(SandwichConfig)])
     cfg = dataclasses.replace(config or SandwichConfig(), **overrides)
     space = getattr(omni_model, "space", None)
     if space is None:
@@ -79,6 +84,8 @@ def train_supernet(omni_model: nn.Module, loader: Iterable, config: SandwichConf
     history: dict[str, list[float]] = {"loss_max": [], "loss_min": []}
     previous = dict(omni_model.active_config)
     omni_model.train()
+    bar = progress_bar(progress, total=steps if hasattr(loader, "__len__") else None, desc="train supernet",
+                       unit="step")
     try:
         for _ in range(cfg.epochs):
             for x, y in _batches(loader):
@@ -104,7 +111,10 @@ def train_supernet(omni_model: nn.Module, loader: Iterable, config: SandwichConf
                 opt.step()
                 if sched is not None:
                     sched.step()
+                bar.set_postfix_str(f"loss_max {history['loss_max'][-1]:.4f}", refresh=False)
+                bar.update(1)
     finally:
+        bar.close()
         omni_model.set_active(previous)
         omni_model.eval()
     return history

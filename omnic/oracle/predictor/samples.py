@@ -31,6 +31,7 @@ from omnic.core.deployment import Deployment
 from omnic.core.errors import PredictorError, describe
 from omnic.core.ir import trace
 from omnic.core.measure import MeasureConfig, time_vm
+from omnic.core.quiet import native_stderr_filtered
 
 #: Bumped whenever the meaning of a feature changes; samples with another version are re-collected.
 SCHEMA_VERSION = 4  # 2: loop-nest work terms, MobileNetV2 kernels and depths; 3: e2e = fastest of
@@ -80,7 +81,8 @@ def collect_sample(variant: Any, deployment: Any = "host", *, runs: int = 15,
     t1 = time.perf_counter()
     executable, _ = build.build(prepared, spec, target, None)
     library = _library_path(deployment.device, variant.key)
-    executable.export_library(str(library))  # a later session re-measures it without rebuilding
+    with native_stderr_filtered():  # TVM's "Scope Saving" lines
+        executable.export_library(str(library))  # a later session re-measures it without rebuilding
     t2 = time.perf_counter()
     sample = {
         "schema_version": SCHEMA_VERSION, "device": deployment.device, "precision": deployment.precision,
