@@ -110,3 +110,19 @@ def test_known_bug_repro(bug):
     assert known_bug(bug.repro) is bug
     outcome = gen.check(bug.repro)
     assert outcome.status == "ok", f"{outcome.status} {outcome.max_rel_error} {outcome.error[:300]}"
+
+
+def test_error_floor_spares_cancelled_outputs_not_wrong_ones():
+    """Rounding noise on an output that cancels to ~1e-8 passes; a wrong value of the activations'
+    size (or a wrong shape, or a NaN) does not."""
+    import numpy as np
+
+    e = np.array([-5.4e-9, 2.3e-8, -2.2e-8], dtype=np.float32)  # mean of a LayerNorm output (seed 1935)
+    a = np.array([-1.2e-8, 4.1e-9, -8.1e-9], dtype=np.float32)
+    assert engine.relative_error([a], [e]) > 0.5  # the unfloored error calls this a mismatch
+    assert gen.floored_relative_error([a], [e]) <= gen.TOLERANCE_FP32
+    assert gen.floored_relative_error([e + 0.05], [e]) > gen.TOLERANCE_FP32
+    ones = np.ones((2, 3), dtype=np.float32)
+    assert gen.floored_relative_error([ones * 1.001], [ones]) > gen.TOLERANCE_FP32
+    assert gen.floored_relative_error([ones[:1]], [ones]) == float("inf")
+    assert gen.floored_relative_error([ones * np.nan], [ones]) == float("inf")
