@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fuzz lives beside omnic
 os.environ.setdefault("OMNIC_CACHE_DIR", tempfile.mkdtemp(prefix="omnic-fuzz-cache-"))
 
-from tests.fuzz import generator as gen  # noqa: E402
-from tests.fuzz.known_bugs import known_bug  # noqa: E402
+from tests.fuzz import generator as gen
+from tests.fuzz.known_bugs import known_bug
 
 
 def _refused_op(error: str) -> str:

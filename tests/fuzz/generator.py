@@ -15,7 +15,8 @@ import dataclasses
 import random
 import re
 import time
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -150,37 +151,37 @@ def _draw_image_op(d: Drawer, shape: tuple) -> tuple[str, dict]:
         elif variant == "grouped" and inner:
             groups = d.pick(inner)
             cout = groups * d.int(1, 3)
-        return op, dict(cin=c, cout=cout, k=k, stride=d.pick([1, 2]), dilation=dil, padding=pad,
-                        groups=groups, bias=d.pick([True, False]))
+        return op, {"cin": c, "cout": cout, "k": k, "stride": d.pick([1, 2]), "dilation": dil, "padding": pad,
+                        "groups": groups, "bias": d.pick([True, False])}
     if op == "act":
-        return op, dict(fn=d.pick(ACTIVATIONS))
+        return op, {"fn": d.pick(ACTIVATIONS)}
     if op == "batchnorm":
-        return op, dict(c=c)
+        return op, {"c": c}
     if op == "groupnorm":
-        return op, dict(groups=d.pick(_divisors(c)), c=c)
+        return op, {"groups": d.pick(_divisors(c)), "c": c}
     if op == "layernorm":
-        return op, dict(d=w, affine=d.pick([True, False]))
+        return op, {"d": w, "affine": d.pick([True, False])}
     if op in ("maxpool", "avgpool"):
         k = d.pick([2, 3])
-        p = dict(k=k, stride=d.pick([1, 2]), padding=d.int(0, k // 2), ceil=d.pick([False, True]))
+        p = {"k": k, "stride": d.pick([1, 2]), "padding": d.int(0, k // 2), "ceil": d.pick([False, True])}
         if op == "avgpool":
             p["count_pad"] = d.pick([True, False])
         return op, p
     if op == "adaptive_avgpool":
-        return op, dict(oh=d.int(1, min(h, 5)), ow=d.int(1, min(w, 5)))
+        return op, {"oh": d.int(1, min(h, 5)), "ow": d.int(1, min(w, 5))}
     if op == "upsample":
         how = d.pick(["x2", "up", "down"])
         oh, ow = {"x2": (2 * h, 2 * w), "up": (h + d.int(1, 5), w + d.int(1, 5)),
                   "down": (max(1, h - d.int(1, 3)), max(1, w - d.int(1, 3)))}[how]
-        return op, dict(mode=d.pick(["nearest", "bilinear"]), oh=oh, ow=ow, align=d.pick([False, True]))
+        return op, {"mode": d.pick(["nearest", "bilinear"]), "oh": oh, "ow": ow, "align": d.pick([False, True])}
     if op == "se":
-        return op, dict(c=c, r=max(1, c // d.pick([2, 4])), gate=d.pick(["sigmoid", "hardsigmoid"]))
+        return op, {"c": c, "r": max(1, c // d.pick([2, 4])), "gate": d.pick(["sigmoid", "hardsigmoid"])}
     if op == "reshape":
-        return op, dict(shape=d.pick([(1, c, w, h), (1, 1, c * h, w), (1, c * h, w, 1)]))
+        return op, {"shape": d.pick([(1, c, w, h), (1, 1, c * h, w), (1, c * h, w, 1)])}
     if op == "split":
         if c < 2:
-            return "act", dict(fn="relu")
-        return op, dict(first=d.int(1, c - 1), total=c, pick=d.int(0, 1))
+            return "act", {"fn": "relu"}
+        return op, {"first": d.int(1, c - 1), "total": c, "pick": d.int(0, 1)}
     return op, {}  # transpose_hw, image_to_seq, global_pool, flatten
 
 
@@ -189,29 +190,29 @@ def _draw_seq_op(d: Drawer, shape: tuple) -> tuple[str, dict]:
     op = d.pick(["linear", "linear", "act", "layernorm", "softmax", "attention", "attention",
                  "self_matmul", "seq_to_image", "seq_mean"])
     if op == "linear":
-        return op, dict(din=dim, dout=d.pick([4, 6, 8, 12, 16, d.int(1, 16)]), bias=d.pick([True, False]))
+        return op, {"din": dim, "dout": d.pick([4, 6, 8, 12, 16, d.int(1, 16)]), "bias": d.pick([True, False])}
     if op == "act":
-        return op, dict(fn=d.pick(ACTIVATIONS))
+        return op, {"fn": d.pick(ACTIVATIONS)}
     if op == "layernorm":
-        return op, dict(d=dim, affine=d.pick([True, False]))
+        return op, {"d": dim, "affine": d.pick([True, False])}
     if op == "attention":
-        return op, dict(d=dim, heads=d.pick(_divisors(dim)), impl=d.pick(["manual", "sdpa", "mha"]))
+        return op, {"d": dim, "heads": d.pick(_divisors(dim)), "impl": d.pick(["manual", "sdpa", "mha"])}
     if op == "self_matmul":
-        return op, dict(d=dim)
+        return op, {"d": dim}
     if op == "seq_to_image":
         h = d.pick(_divisors(length))
-        return op, dict(d=dim, h=h, w=length // h)
+        return op, {"d": dim, "h": h, "w": length // h}
     return op, {}  # softmax, seq_mean
 
 
 def _draw_vec_op(d: Drawer, shape: tuple) -> tuple[str, dict]:
     op = d.pick(["linear", "linear", "act", "layernorm", "softmax"])
     if op == "linear":
-        return op, dict(din=shape[1], dout=d.int(1, 16), bias=d.pick([True, False]))
+        return op, {"din": shape[1], "dout": d.int(1, 16), "bias": d.pick([True, False])}
     if op == "act":
-        return op, dict(fn=d.pick(ACTIVATIONS))
+        return op, {"fn": d.pick(ACTIVATIONS)}
     if op == "layernorm":
-        return op, dict(d=shape[1], affine=d.pick([True, False]))
+        return op, {"d": shape[1], "affine": d.pick([True, False])}
     return op, {}
 
 
@@ -315,6 +316,7 @@ ERROR_FLOOR = 1e-3
 def floored_relative_error(actual: list, expected: list, floor: float = ERROR_FLOOR) -> float:
     """``omnic.engine.relative_error`` per output, with max |expected| floored at ``floor``."""
     import numpy as np
+
     from omnic import engine
 
     worst = 0.0

@@ -7,7 +7,7 @@ lands the repro passes, the strict xfail fails, and the entry here must go (with
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from tests.fuzz.generator import ModelSpec, Node
 
