@@ -11,8 +11,8 @@ import pytest
 
 from omnic import CacheError
 from omnic.core.cache import cache_root
-from omnic.core.measure import MeasureConfig
 from omnic.core.errors import PredictorError
+from omnic.core.measure import MeasureConfig
 from omnic.oracle import predictor as P
 from omnic.oracle.predictor import samples as S
 from tests.unprivileged import remove_tree, run_unprivileged, shared_tmpdir

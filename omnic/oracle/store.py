@@ -260,7 +260,7 @@ class LatencyStore:
                 self._warn(f"{self.path} is not a usable latency store ({reason}); moved it to {aside} "
                            f"(kept for you to inspect or delete) and started an empty store at {self.path}. "
                            "Latencies stored there will be measured again.")
-            self._open_writable()
+            self._open()  # a fresh file now (or, if the folder turned read-only meanwhile, read-only)
 
     def _adopt(self, conn: sqlite3.Connection | None, target: tuple[str, bool]) -> None:
         old = getattr(self._local, "conn", None)

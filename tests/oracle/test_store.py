@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sqlite3
 import subprocess
 import sys
@@ -17,9 +16,9 @@ from omnic import Deployment, engine
 from omnic.core.errors import CacheWarning, DeviceUnreachableError, LeaseTimeoutError
 from omnic.core.ir import trace
 from omnic.core.measure import MeasureConfig, Measurement
+from omnic.core.targets import host_cpu_name
 from omnic.oracle import Oracle
 from omnic.oracle.store import LatencyStore, StoreKey
-from omnic.core.targets import host_cpu_name
 from tests.unprivileged import remove_tree, run_unprivileged, shared_tmpdir
 
 QUICK = MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1)
