@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write every outcome here")
     args = ap.parse_args(argv)
 
-    from omnic.core.targets import host_cpu_name
+    from omnic.compile.target import host_cpu_name
 
     t0 = time.perf_counter()
     coverage, refused = collections.Counter(), collections.Counter()

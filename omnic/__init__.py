@@ -28,7 +28,7 @@ from omnic.core.errors import (  # noqa: E402
     InputShapeError, LeaseTimeoutError, MeasurementError, OmnicError, PassError, PredictorError,
     QuantizationError, SearchError, ServerConnectError, TraceError, TuningError, UnknownDeviceError,
     UnsupportedOperatorError, UnsupportedPrecisionError, describe,
-    NoServerError)
+    NoServerError, CacheError, CacheWarning)
 from omnic.core.ir import TracedModel, trace  # noqa: E402
 from omnic.core.targets import DeviceSpec, get_device, known_devices  # noqa: E402
 
@@ -55,5 +55,5 @@ __all__ = [
     "ServerConnectError", "TraceError", "TracedModel", "TuningError", "UnknownDeviceError",
     "UnsupportedOperatorError", "UnsupportedPrecisionError", "describe", "engine", "get_device",
     "known_devices", "load", "nas", "trace", "__version__",
-    "NoServerError",
+    "NoServerError", "CacheError", "CacheWarning",
 ]

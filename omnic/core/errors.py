@@ -105,3 +105,13 @@ def describe(exc: BaseException, limit: int = DESCRIBE_LIMIT) -> str:
 class NoServerError(DeviceUnreachableError):
     """The tracker answers, but no server is registered under the deployment's key (checked before
     any lease, so the caller learns it at once instead of after the lease timeout)."""
+
+
+class CacheError(OmnicError):
+    """A cache root or cache file omnic cannot use safely: it cannot be created, or others can write
+    it (so whoever can write it could make omnic run their code). Names the path and the fix."""
+
+
+class CacheWarning(UserWarning):
+    """Something in the cache was repaired or turned off (a corrupt latency store moved aside and
+    rebuilt, a read-only store whose writes are off); work goes on, and the warning says where."""

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 from omnic import Deployment, engine
-from omnic.core.errors import DeviceUnreachableError, LeaseTimeoutError
+from omnic.core.errors import CacheWarning, DeviceUnreachableError, LeaseTimeoutError
 from omnic.core.ir import trace
 from omnic.core.measure import MeasureConfig, Measurement
+from omnic.compile.target import host_cpu_name
 from omnic.oracle import Oracle
 from omnic.oracle.store import LatencyStore, StoreKey
-from omnic.compile.target import host_cpu_name
+from tests.unprivileged import remove_tree, run_unprivileged, shared_tmpdir
 
 QUICK = MeasureConfig(min_repeat_ms=10, repeats=3, max_rounds=1, time_budget_s=0.1)
 
@@ -136,3 +139,128 @@ def test_the_injected_compiler_decides_what_a_failure_is(tmp_path):
     with pytest.raises(DeviceUnreachableError, match="tracker down"):
         gone.measure(traced, "host")
     assert gone.fresh_measurements == 0
+
+
+# --- broken stores and rows: repaired or ignored, never a raw sqlite3 error ---------------------
+
+KEY = StoreKey(device="host", precision="fp32", input_shape="[[1]]", structural_hash="h")
+GOOD = Measurement(median_ms=1.5, spread=0.02, runs=3, results_ms=(1.4, 1.5, 1.6), device="host")
+
+
+def _cache_warnings(seen) -> list[str]:
+    return [str(w.message) for w in seen if issubclass(w.category, CacheWarning)]
+
+
+def _kept_aside(folder) -> list:
+    return sorted(p for p in folder.iterdir()
+                  if p.name.startswith("latency.sqlite.corrupt-") and not p.name.endswith(("-wal", "-shm")))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong_schema"])
+def test_a_corrupt_store_is_moved_aside_and_rebuilt(tmp_path, damage):
+    path = tmp_path / "latency.sqlite"
+    if damage == "garbage":
+        path.write_bytes(b"this is not an sqlite file " * 200)
+        (tmp_path / "latency.sqlite-wal").write_bytes(b"and this is no WAL")
+    else:  # another program's table under our name: every INSERT would fail
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE measurements (device TEXT, median_ms REAL)")
+        conn.commit()
+        conn.close()
+    before = path.read_bytes()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        store = LatencyStore(path)
+        store.put(KEY, GOOD)
+        got = store.get(KEY)
+    assert got is not None and got.median_ms == 1.5 and len(store) == 1
+    (aside,) = _kept_aside(tmp_path)
+    assert aside.read_bytes() == before  # kept for the user, untouched
+    if damage == "garbage":
+        assert (tmp_path / f"{aside.name}-wal").read_bytes() == b"and this is no WAL"
+    (message,) = _cache_warnings(seen)  # one warning, naming both files
+    assert str(path) in message and str(aside) in message
+    with warnings.catch_warnings(record=True) as again:  # the rebuilt store is healthy
+        warnings.simplefilter("always")
+        assert LatencyStore(path).get(KEY).median_ms == 1.5
+    assert _cache_warnings(again) == []
+
+
+def test_a_store_corrupted_between_calls_is_rebuilt(tmp_path):
+    path = tmp_path / "latency.sqlite"
+    store = LatencyStore(path)
+    store.put(KEY, GOOD)
+    store.close()  # the next call opens the file again, as another thread or process would
+    path.write_bytes(b"\x00garbage" * 500)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert store.get(KEY) is None  # what was stored is gone: measure again
+        store.put(KEY, GOOD)
+    assert store.get(KEY).median_ms == 1.5
+    assert len(_cache_warnings(seen)) == 1 and len(_kept_aside(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("column, value", [
+    ("median_ms", -5.0), ("median_ms", 0.0), ("median_ms", float("nan")), ("median_ms", float("inf")),
+    ("median_ms", "fast"), ("spread", -1.0), ("spread", "wide"), ("runs", "many"), ("runs", -3),
+    ("results_ms", "not json"), ("results_ms", '{"a": 1}'), ("results_ms", '[1.0, "x"]'),
+    ("results_ms", "[1.0, -2.0]"), ("error", b"\x00blob")])
+def test_a_tampered_row_is_treated_as_missing(tmp_path, column, value):
+    path = tmp_path / "latency.sqlite"
+    store = LatencyStore(path)
+    store.put(KEY, GOOD)
+    conn = sqlite3.connect(path)
+    conn.execute(f"UPDATE measurements SET {column}=?", (value,))
+    conn.commit()
+    conn.close()
+    assert store.get(KEY) is None
+    # a failure record (no latency, a reason) is valid and comes back as such
+    store.put(KEY, Measurement(median_ms=None, error="CompileError: no kernel", device="host"))
+    failed = store.get(KEY)
+    assert failed is not None and not failed.ok and failed.error == "CompileError: no kernel"
+
+
+def test_the_oracle_measures_again_over_a_tampered_row(tmp_path):
+    traced = trace(_small(), torch.randn(1, 3, 16, 16))
+    oracle = Oracle(LatencyStore(tmp_path / "latency.sqlite"), QUICK, compile_fn=engine.compile)
+    key = oracle.key(traced, Deployment(device="host", threads=1))
+    oracle.store.put(key, Measurement(median_ms=-5.0, runs=1, device="host"))
+    m = oracle.measure(traced, {"device": "host", "threads": 1})
+    assert m.ok and not m.cached and m.median_ms > 0 and oracle.fresh_measurements == 1
+    assert oracle.store.get(key).median_ms == m.median_ms  # the tampered row was replaced
+
+
+def test_a_read_only_store_answers_reads_and_turns_writes_off():
+    base = shared_tmpdir()
+    try:
+        path, empty = base / "latency.sqlite", base / "empty"
+        store = LatencyStore(path)
+        store.put(KEY, GOOD)
+        store.close()
+        empty.mkdir()
+        path.chmod(0o444)
+        for folder in (empty, base):
+            folder.chmod(0o555)
+        other = dataclasses.replace(KEY, structural_hash="other")
+
+        def check():
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                ro = LatencyStore(path)
+                cached = ro.get(KEY)
+                ro.put(other, GOOD)  # off: no error, nothing stored
+                ro.put(other, GOOD)
+                nothing = LatencyStore(empty / "latency.sqlite")  # no store at all, folder read-only
+                nothing.put(KEY, GOOD)
+                return {"median": cached.median_ms, "cached": cached.cached, "other": ro.get(other) is None,
+                        "read_only": [ro.read_only, nothing.read_only], "len": [len(ro), len(nothing)],
+                        "empty": nothing.get(KEY) is None, "warnings": _cache_warnings(seen)}
+
+        seen = run_unprivileged(check)
+    finally:
+        remove_tree(base)
+    assert seen["median"] == 1.5 and seen["cached"] and seen["other"] and seen["empty"]
+    assert seen["read_only"] == [True, True] and seen["len"] == [1, 0]
+    first, second = seen["warnings"]  # one per store, however many writes were dropped
+    assert str(path) in first and "writes are off" in first
+    assert str(empty / "latency.sqlite") in second and "writes are off" in second

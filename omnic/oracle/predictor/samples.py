@@ -6,6 +6,12 @@ per-call times, and its end-to-end latency under the oracle's protocol. Samples 
 each variant's compiled library is kept beside them, so a later session measures it again without
 a rebuild.
 
+Libraries are dlopened, so they are code run from the cache: each one's sha256 is recorded beside
+it (``<library>.so.sha256``) when omnic writes it, and checked before it is loaded. A library whose
+hash is missing or differs is never loaded: it is rebuilt from the sample's variant, or refused with
+a :class:`~omnic.core.errors.PredictorError` when it cannot be (see :mod:`omnic.core.cache` for the
+cache's trust model).
+
 Tuning state: samples describe the code ``engine.compile`` builds for a deployment with *no tuning
 database applied* (``build.build(prepared, spec, target, None)``). Tuned kernels run at a
 different speed; a predictor for a tuned device needs samples collected from tuned builds, which
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import statistics
 import time
@@ -26,12 +33,13 @@ import numpy as np
 from omnic.compile import build, features
 from omnic.compile.profiler import instrumented_runs
 from omnic.compile.runtime import LocalRuntime
-from omnic.core.cache import cache_root
+from omnic.core.cache import cache_root, check_private, make_dir
 from omnic.core.deployment import Deployment
 from omnic.core.errors import PredictorError, describe
 from omnic.core.ir import trace
 from omnic.core.measure import MeasureConfig, time_vm
 from omnic.core.quiet import native_stderr_filtered
+from omnic.examples.variants import Variant
 
 #: Bumped whenever the meaning of a feature changes; samples with another version are re-collected.
 SCHEMA_VERSION = 4  # 2: loop-nest work terms, MobileNetV2 kernels and depths; 3: e2e = fastest of
@@ -42,7 +50,7 @@ TUNING_STATE = "untuned"
 def predictors_dir() -> Path:
     """``<cache>/predictors``: samples, their compiled libraries and saved predictors."""
     path = cache_root() / "predictors"
-    path.mkdir(parents=True, exist_ok=True)
+    make_dir(path)
     return path
 
 
@@ -81,8 +89,7 @@ def collect_sample(variant: Any, deployment: Any = "host", *, runs: int = 15,
     t1 = time.perf_counter()
     executable, _ = build.build(prepared, spec, target, None)
     library = _library_path(deployment.device, variant.key)
-    with native_stderr_filtered():  # TVM's "Scope Saving" lines
-        executable.export_library(str(library))  # a later session re-measures it without rebuilding
+    _save_library(executable, library)  # a later session re-measures it without rebuilding
     t2 = time.perf_counter()
     sample = {
         "schema_version": SCHEMA_VERSION, "device": deployment.device, "precision": deployment.precision,
@@ -99,8 +106,70 @@ def collect_sample(variant: Any, deployment: Any = "host", *, runs: int = 15,
 
 def _library_path(device: str, key: str) -> Path:
     folder = predictors_dir() / f"libs-{file_stem(device)}"
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     return folder / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.so"
+
+
+def _hash_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recorded_sha256(library: Path) -> str | None:
+    """The sha256 recorded when omnic saved ``library``, or None (none recorded, or unreadable)."""
+    try:
+        text = _hash_path(library).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{64}", text) else None
+
+
+def _save_library(executable: Any, library: Path) -> None:
+    """Export ``executable`` to ``library`` and record its sha256 beside it (written last and
+    atomically: a library saved halfway has no hash, so it is rebuilt, never loaded)."""
+    _hash_path(library).unlink(missing_ok=True)
+    with native_stderr_filtered():  # TVM's "Scope Saving" lines
+        executable.export_library(str(library))
+    tmp = library.with_name(library.name + ".sha256.tmp")
+    tmp.write_text(_sha256(library) + "\n")
+    os.replace(tmp, _hash_path(library))
+
+
+def _trusted_library(sample: dict[str, Any], deployment: Deployment) -> Any:
+    """``sample``'s saved library, loaded only if its sha256 is the recorded one; otherwise rebuilt
+    from the sample's variant (and saved again) without loading the file that was there.
+
+    Raises:
+        PredictorError: The library fails its check and the sample cannot be rebuilt.
+        CacheError: The libraries' folder is writable by others.
+    """
+    library = _library_path(deployment.device, sample["key"])
+    check_private(library.parent)  # a folder others can write: the hash beside a file proves nothing
+    recorded = recorded_sha256(library)
+    if library.exists() and recorded is not None and _sha256(library) == recorded:
+        return features.load_library(library)
+    why = ("is missing" if not library.exists() else "has no recorded sha256" if recorded is None
+           else "does not match the sha256 recorded when it was saved")
+    try:
+        model, x = Variant.from_dict(sample["variant"]).build()
+        traced = trace(model, x)
+    except Exception as exc:  # noqa: BLE001 - whatever the sample holds, the answer is the same
+        raise PredictorError(f"the saved library {library} {why}, so it was not loaded, and it cannot be "
+                             f"rebuilt from its sample ({describe(exc)}); collect it again") from exc
+    if traced.structural_hash != sample.get("structural_hash"):
+        raise PredictorError(f"the saved library {library} {why}, so it was not loaded, and its variant "
+                             f"{sample['key']} now builds another network; collect it again")
+    prepared, spec, target = features.prepare(traced, deployment)
+    executable, _ = build.build(prepared, spec, target, None)
+    _save_library(executable, library)
+    return executable
 
 
 def _measure_session(sample: dict[str, Any], executable: Any, deployment: Any, *, runs: int, config: Any,
@@ -172,14 +241,19 @@ def remeasure(sample: dict[str, Any], deployment: Any = "host", *, runs: int = 1
               passes: int = 4) -> dict[str, Any]:
     """One more measurement session of a stored sample, from its saved library (no rebuild).
 
+    The library is loaded only if its sha256 is the one recorded when it was saved; a missing,
+    unrecorded or changed library is rebuilt from the sample's variant instead (untuned, as it was
+    collected) and saved again.
+
     Raises:
-        PredictorError: The library is gone (the sample predates library caching).
+        PredictorError: The sample predates library caching, or its library fails the check and
+            cannot be rebuilt.
+        CacheError: The libraries' folder is writable by others.
     """
     deployment = Deployment.coerce(deployment)
-    library = _library_path(deployment.device, sample["key"])
-    if "input_shapes" not in sample or not library.exists():
+    if "input_shapes" not in sample:
         raise PredictorError(f"no saved library for {sample['key']}; collect it again")
-    _measure_session(sample, features.load_library(library), deployment, runs=runs, config=config,
+    _measure_session(sample, _trusted_library(sample, deployment), deployment, runs=runs, config=config,
                      passes=passes)
     return sample
 
