@@ -27,7 +27,7 @@ from omnic.core.errors import (  # noqa: E402
     ArtifactError, CompileError, DeploymentError, DeviceUnreachableError, InfeasibleConstraintError,
     InputShapeError, LeaseTimeoutError, MeasurementError, OmnicError, PassError, PredictorError,
     QuantizationError, SearchError, ServerConnectError, TraceError, TuningError, UnknownDeviceError,
-    UnsupportedOperatorError, UnsupportedPrecisionError, describe)
+    UnsupportedOperatorError, UnsupportedPrecisionError, describe, OutputMismatchError)
 from omnic.core.ir import TracedModel, trace  # noqa: E402
 from omnic.core.targets import DeviceSpec, get_device, known_devices  # noqa: E402
 
@@ -53,5 +53,5 @@ __all__ = [
     "MeasurementError", "OmnicError", "PassError", "PredictorError", "QuantizationError", "SearchError",
     "ServerConnectError", "TraceError", "TracedModel", "TuningError", "UnknownDeviceError",
     "UnsupportedOperatorError", "UnsupportedPrecisionError", "describe", "engine", "get_device",
-    "known_devices", "load", "nas", "trace", "__version__",
+    "known_devices", "load", "nas", "trace", "__version__", "OutputMismatchError",
 ]

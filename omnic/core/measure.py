@@ -61,6 +61,10 @@ class Measurement:
         error: Why the measurement failed, or None.
         device: Where it was measured.
         cached: True when the value came from the latency store, not a fresh run.
+        checked: Whether the measured build's outputs were compared with PyTorch's and agreed
+            (for a failed measurement: whether it failed that comparison); False for an
+            unchecked build (``check=False``, or a remote device whose outputs are not compared
+            here); None where unknown (fakes, rows stored before the check existed).
     """
 
     median_ms: float | None
@@ -70,6 +74,7 @@ class Measurement:
     error: str | None = None
     device: str = "host"
     cached: bool = False
+    checked: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -83,7 +88,7 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         return {"median_ms": self.median_ms, "spread": self.spread, "runs": self.runs,
                 "results_ms": list(self.results_ms), "error": self.error, "device": self.device,
-                "cached": self.cached}
+                "cached": self.cached, "checked": self.checked}
 
 
 def relative_spread(values: Sequence[float]) -> float:

@@ -50,6 +50,15 @@ class StoreKey:
         return json.dumps([list(s) for s in shapes])
 
 
+def _checked(extra: str | None) -> bool | None:
+    """The ``checked`` flag of a row's extra JSON (None for rows stored before the output check)."""
+    try:
+        value = json.loads(extra or "{}").get("checked")
+    except (ValueError, AttributeError):  # not JSON, or not an object: unknown, not an error
+        return None
+    return value if isinstance(value, bool) else None
+
+
 class LatencyStore:
     """SQLite-backed measurement store (one file, safe for concurrent writer processes)."""
 
@@ -71,14 +80,14 @@ class LatencyStore:
 
     def get(self, key: StoreKey) -> Measurement | None:
         row = self._connect().execute(
-            "SELECT median_ms, spread, runs, results_ms, error FROM measurements WHERE device=? AND "
+            "SELECT median_ms, spread, runs, results_ms, error, extra FROM measurements WHERE device=? AND "
             "precision=? AND input_shape=? AND structural_hash=? AND context=?",
             (key.device, key.precision, key.input_shape, key.structural_hash, key.context)).fetchone()
         if row is None:
             return None
         return Measurement(median_ms=row[0], spread=row[1] or 0.0, runs=row[2] or 0,
                            results_ms=tuple(json.loads(row[3] or "[]")), error=row[4],
-                           device=key.device, cached=True)
+                           device=key.device, cached=True, checked=_checked(row[5]))
 
     def put(self, key: StoreKey, m: Measurement, extra: dict[str, Any] | None = None) -> None:
         conn = self._connect()
