@@ -222,3 +222,20 @@ def test_bisection_finds_the_first_node_that_parts():
         assert len(built) <= 4  # a binary search, not one build per node
     never = bisect_mod.first_mismatch(traced, lambda p: [p.gm(*p.example_inputs).detach().numpy()], tolerance=1e-4)
     assert never is None  # the prefixes do not reproduce it: no node is blamed
+
+
+# ------------------------------------------------------------------------------------- remote
+from tests.rpc_fixtures import FARM_KEY, rpc_farm, rpc_farm_module  # noqa: E402,F401  (fixtures)
+
+
+def test_remote_build_is_run_once_on_the_server_and_compared(rpc_farm, tmp_path, wrong_sigmoid):
+    oracle = Oracle(LatencyStore(tmp_path / "r.sqlite"), QUICK, compile_fn=engine.compile)
+    dep = {"device": "host", "tracker": rpc_farm.address, "key": FARM_KEY}
+    good = oracle.measure(relu_net(), dep, _x())
+    assert good.ok and good.checked is True
+    bad = oracle.measure(sigmoid_net(), dep, _x())
+    assert not bad.ok and bad.checked is True and "OutputMismatchError" in bad.error
+    extras = [json.loads(r["extra"]) for r in oracle.store.rows()]
+    assert sorted(e.get("checked_on", "") for e in extras if not e.get("mismatch")) == ["remote"]
+    assert [r["median_ms"] for r in oracle.store.rows() if json.loads(r["extra"]).get("mismatch")] == [None]
+    rpc_farm.wait_servers(2, timeout_s=30)  # both leases were given back

@@ -11,6 +11,8 @@ import threading
 from typing import Any, Callable, Sequence
 
 from omnic.compile import stack_align
+from omnic.compile.bisect import mismatch_error
+from omnic.compile.check import output_error, tolerance
 from omnic.compile.pipeline import PIPELINE_REVISION
 from omnic.compile.target import host_cpu_name
 from omnic.core.cache import cache_root
@@ -27,8 +29,9 @@ from omnic.remote.batch import BatchConfig, FarmBatch, count_servers
 #: out or a server that died is recorded as that candidate's failure (a later ask measures again).
 _CANDIDATE_FAULTS = (LeaseTimeoutError, ServerConnectError)
 
-#: What a remote measurement records instead of an output check: the outputs are not compared here.
-_REMOTE_UNCHECKED = "remote device: outputs not compared with PyTorch here"
+#: What a farm batch records instead of an output check: its servers run the candidates, and their
+#: outputs are not fetched back to compare.
+_REMOTE_UNCHECKED = "measured by a remote batch: outputs not compared with PyTorch"
 
 
 def _checkable(deployment: Deployment) -> bool:
@@ -58,10 +61,22 @@ def _check_record(dm: Any, deployment: Deployment) -> tuple[bool, dict[str, Any]
     error = report.get("max_rel_error") if report is not None and hasattr(report, "get") else None
     if error is not None:
         return True, {"checked": True, "max_rel_error": float(error)}
-    extra: dict[str, Any] = {"checked": False}
-    if deployment.is_remote:
-        extra["unchecked"] = _REMOTE_UNCHECKED
-    return False, extra
+    return False, {"checked": False}
+
+
+def _check_remote(dm: Any, traced: TracedModel, deployment: Deployment) -> tuple[bool, dict[str, Any]]:
+    """Run a remote build once on its leased server (the lease the measurement then uses) and
+    compare with PyTorch here: ``engine.compile`` cannot, it takes no lease.
+
+    Raises:
+        OutputMismatchError: The outputs differ beyond the precision's tolerance (naming the
+            suspect ops: prefixes are not bisected on a remote device).
+    """
+    error, tol = output_error(dm, traced), tolerance(deployment.precision)
+    if not error <= tol:
+        raise mismatch_error(traced, error, tolerance=tol, precision=deployment.precision,
+                             device=deployment.device, run_prefix=None)
+    return True, {"checked": True, "max_rel_error": float(error), "checked_on": "remote"}
 
 
 class Oracle:
@@ -122,7 +137,10 @@ class Oracle:
                 check runs once per key: the row records ``"checked"`` and its ``max_rel_error``.
                 A stored unchecked latency does not answer a checked request; the build is then
                 checked, and the stored value kept (same build) or replaced by the refusal.
-                Remote devices are recorded unchecked (``extra["unchecked"]`` says why).
+                On a remote device the build is run once on the leased server and compared here
+                (``extra["checked_on"] = "remote"``); :meth:`measure_many`'s farm batches record
+                theirs unchecked (``extra["unchecked"]`` says why), and on a remote device a
+                stored latency answers either way (its outputs cannot be compared from the store).
         """
         deployment = Deployment.coerce(deployment)
         traced = model if isinstance(model, TracedModel) else trace(model, example_inputs)
@@ -133,12 +151,14 @@ class Oracle:
         extra: dict[str, Any] = {}
         try:
             dm = self.compile_fn(traced, deployment, check=check, progress=False)
-            checked, extra = _check_record(dm, deployment)
-            if cached is not None and cached.ok and checked:
-                # the stored value was measured on this very build, unchecked: keep it, now checked
-                self.store.put(key, cached, extra)
-                return dataclasses.replace(cached, checked=True)
             try:
+                checked, extra = _check_record(dm, deployment)
+                if check and not checked and deployment.is_remote:
+                    checked, extra = _check_remote(dm, traced, deployment)
+                if cached is not None and cached.ok and checked:
+                    # the stored value was measured on this very build, unchecked: keep it, now checked
+                    self.store.put(key, cached, extra)
+                    return dataclasses.replace(cached, checked=True)
                 measurement = dataclasses.replace(dm.measure(config or self.config), checked=checked)
             finally:
                 if deployment.is_remote:
