@@ -6,6 +6,7 @@ The oracle does not know how to compile: the compile function is injected at con
 from __future__ import annotations
 
 import dataclasses
+import gc
 import tempfile
 import threading
 from typing import Any, Callable, Sequence
@@ -151,9 +152,11 @@ class Oracle:
         extra: dict[str, Any] = {}
         try:
             dm = self.compile_fn(traced, deployment, check=check, progress=False)
+            ran_remotely = False
             try:
                 checked, extra = _check_record(dm, deployment)
                 if check and not checked and deployment.is_remote:
+                    ran_remotely = True
                     checked, extra = _check_remote(dm, traced, deployment)
                 if cached is not None and cached.ok and checked:
                     # the stored value was measured on this very build, unchecked: keep it, now checked
@@ -163,6 +166,10 @@ class Oracle:
             finally:
                 if deployment.is_remote:
                     dm.runtime.close()  # give the leased server back to the farm now, not at GC
+                    if ran_remotely:
+                        # calling a remote DeviceModel (dm(x)) leaves a reference cycle that holds
+                        # the RPC session, so close() alone frees the server only at the next GC
+                        gc.collect()
         except OutputMismatchError as exc:  # a wrong program: its failure is stored, never a latency
             measurement = Measurement(median_ms=None, error=describe(exc), device=deployment.device, checked=True)
             extra = {"checked": True, "mismatch": True, "max_rel_error": exc.max_rel_error, "node": exc.node}
