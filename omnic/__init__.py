@@ -28,7 +28,7 @@ from omnic.core.errors import (  # noqa: E402
     InputShapeError, LeaseTimeoutError, MeasurementError, OmnicError, PassError, PredictorError,
     QuantizationError, SearchError, ServerConnectError, TraceError, TuningError, UnknownDeviceError,
     UnsupportedOperatorError, UnsupportedPrecisionError, describe,
-    NoServerError, CacheError, CacheWarning)
+    NoServerError, CacheError, CacheWarning, OutputMismatchError)
 from omnic.core.ir import TracedModel, trace  # noqa: E402
 from omnic.core.targets import DeviceSpec, get_device, known_devices  # noqa: E402
 
@@ -56,4 +56,5 @@ __all__ = [
     "UnsupportedOperatorError", "UnsupportedPrecisionError", "describe", "engine", "get_device",
     "known_devices", "load", "nas", "trace", "__version__",
     "NoServerError", "CacheError", "CacheWarning",
+    "OutputMismatchError",
 ]

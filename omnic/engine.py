@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any
 
-import numpy as np
-import torch
-
-from omnic.compile import build, frontend, pipeline, quant, tuning, winograd
+from omnic.compile import bisect, build, frontend, pipeline, quant, tuning, winograd
+from omnic.compile.check import output_error, tolerance
+from omnic.compile.check import reference_outputs, relative_error  # noqa: F401 - public as engine.*
 from omnic.compile.quant import Calibration
 from omnic.compile.report import CompileReport, QuantReport
 from omnic.compile.runtime import DeviceModel, attach_hint
 from omnic.compile.target import tvm_target
 from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
-from omnic.core.errors import DeviceUnreachableError
+from omnic.core.errors import DeviceUnreachableError, MeasurementError, OutputMismatchError
 from omnic.core.ir import TracedModel, resolve_example_inputs, trace
 from omnic.core.measure import MeasureConfig
 from omnic.oracle import LatencyStore, Oracle
@@ -33,41 +31,6 @@ def _coerce(model: Any, deployment: Any, example_inputs: Any) -> tuple[TracedMod
         return model, deployment
     inputs = resolve_example_inputs(example_inputs, deployment) if example_inputs is not None else None
     return trace(model, inputs), deployment
-
-
-def reference_outputs(traced: TracedModel) -> list[np.ndarray] | None:
-    """PyTorch's (or ONNX Runtime's, for ONNX files) outputs on the example inputs."""
-    if traced.gm is not None:
-        with torch.no_grad():
-            out = traced.gm(*traced.example_inputs)
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        return [o.detach().numpy() for o in outs]
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(traced.onnx_path, providers=["CPUExecutionProvider"])
-    feeds = {n: t.numpy() for n, t in zip(traced.input_names, traced.example_inputs)}
-    return list(sess.run(None, feeds))
-
-
-def relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
-    """max |a - e| / max |e| over all outputs; ``inf`` where one side is NaN or infinite and the
-    other is not (a NaN difference would otherwise vanish: ``max(0.0, nan)`` is 0.0)."""
-    worst = 0.0
-    for a, e in zip(actual, expected):
-        a, e = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
-        if a.shape != e.shape:
-            return math.inf
-        with np.errstate(invalid="ignore"):
-            agree = (a == e) | (np.isnan(a) & np.isnan(e))
-            diff = np.where(agree, 0.0, np.abs(a - e))
-        if diff.size == 0:
-            continue
-        if not np.isfinite(diff).all():
-            return math.inf
-        finite = np.abs(e[np.isfinite(e)])
-        denom = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        worst = max(worst, float(diff.max()) / denom)
-    return worst
 
 
 def _quantize(traced: TracedModel, mod: Any, spec: Any, target: Any, calibration: Any, quantization: Any,
@@ -114,8 +77,10 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         model: ``nn.Module``, ``fx.GraphModule``, ``ExportedProgram``, ``.onnx`` path or TracedModel.
         deployment: ``Deployment``, the equivalent dict, or a device name (default ``host``).
         example_inputs: A tensor or tuple of tensors shaped like one real batch.
-        check: On a local device, run once and record the output difference to PyTorch in
-            ``report["max_rel_error"]``.
+        check: On a local device, run once on the example inputs and compare with PyTorch: the
+            difference goes into ``report["max_rel_error"]``, and beyond the precision's
+            tolerance (:data:`omnic.compile.check.TOLERANCES`) the build is refused. False skips
+            the check (``max_rel_error`` stays None): an explicit opt-out.
         database: A MetaSchedule database to apply instead of the device's persistent one.
         progress: Show tuning progress.
         calibration: int8 only: calibration data (a tensor, a DataLoader, or an iterable of
@@ -127,6 +92,11 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     Returns:
         A :class:`DeviceModel` (callable, timeable, exportable); its ``report`` is a
         :class:`omnic.compile.report.CompileReport`.
+
+    Raises:
+        OutputMismatchError: ``check`` found the compiled outputs differ from PyTorch's; the
+            message names the first fx node where they part (found by building prefixes of the
+            graph), or the ops whose lowering is suspect.
     """
     t0 = time.perf_counter()
     traced, deployment = _coerce(model, deployment, example_inputs)
@@ -163,17 +133,33 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     dm = DeviceModel(executable=executable, deployment=deployment, input_shapes=traced.input_shapes,
                      input_dtypes=traced.input_dtypes, output_is_tuple=traced.output_is_tuple,
                      structural_hash=traced.structural_hash, report=report, module=final_mod)
+    # a remote device's outputs are not compared here (the build stays unchecked: max_rel_error None)
     local = check and spec.local and not deployment.is_remote
     if local:
-        expected = reference_outputs(traced)
-        actual = dm(*traced.example_inputs)
-        actual = list(actual) if isinstance(actual, tuple) else [actual]
-        report = dataclasses.replace(report, max_rel_error=relative_error([a.numpy() for a in actual], expected))
+        error, tol = output_error(dm, traced), tolerance(deployment.precision)
+        if not error <= tol:
+            run_prefix = functools.partial(_prefix_outputs, deployment=deployment, database=database,
+                                           calibration=calibration, quantization=quantization)
+            raise bisect.mismatch_error(traced, error, tolerance=tol, precision=deployment.precision,
+                                        device=spec.name, run_prefix=run_prefix)
+        report = dataclasses.replace(report, max_rel_error=error)
     if q_report is not None:
         report = dataclasses.replace(report, ops_precision=quant.ops_precision(q_report),
                                      quantization=_quant_report(dm, calib, q_report, local))
     dm.report = report
     return dm
+
+
+def _prefix_outputs(prefix: TracedModel, *, deployment: Deployment, database: Any, calibration: Any,
+                    quantization: Any) -> list[Any]:
+    """Build a graph prefix the way the refused build was built (same database, no new tuning) and
+    run it on its example inputs: one probe of the bisection that localises a mismatch."""
+    if database is None:
+        deployment = deployment.replace(tuning_trials=0, tuning_time_s=None)
+    dm = compile(prefix, deployment, check=False, database=database, progress=False, calibration=calibration,
+                 quantization=quantization)
+    out = dm(*prefix.example_inputs)
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
 
 def _require_measurable(deployment: Deployment) -> None:
@@ -195,39 +181,57 @@ def default_oracle() -> Oracle:
 
 
 def get_latency(model: Any, deployment: Any = None, example_inputs: Any = None, *,
-                config: MeasureConfig | None = None) -> float:
+                config: MeasureConfig | None = None, check: bool = True) -> float:
     """Measured latency of ``model`` on the deployment's device, in ms (median of repeats).
 
     Uses the latency store: a model (same structure, shapes, device, precision) measured before
-    is not measured again.
+    is not measured again. The build is checked against PyTorch first (once per structural hash:
+    the store remembers it), and a wrong program's latency is never measured nor stored.
+
+    Args:
+        model: As for :func:`compile`.
+        deployment: As for :func:`compile`.
+        example_inputs: As for :func:`compile`.
+        config: The measurement protocol (default: the oracle's).
+        check: False measures without comparing the outputs (an explicit opt-out); the stored
+            value then says ``"checked": false`` and does not answer a later checked request.
 
     Raises:
+        OutputMismatchError: The compiled outputs differ from PyTorch's (see :func:`compile`).
+        MeasurementError: Compiling or measuring failed otherwise.
         DeviceUnreachableError: The device is neither this machine nor attached through a tracker.
         UnsupportedOperatorError: An operator the compiler cannot lower (named, with a workaround).
         MeasurementError: Building or running the model failed.
     """
     traced, deployment = _coerce(model, deployment, example_inputs)
     _require_measurable(deployment)
-    measurement = default_oracle().measure(traced, deployment, config=config)
+    measurement = default_oracle().measure(traced, deployment, config=config, check=check)
     if not measurement.ok:
-        from omnic.core.errors import MeasurementError
-
+        prefix = f"{OutputMismatchError.__name__}: "
+        if measurement.error and measurement.error.startswith(prefix):  # refused, maybe from the store
+            raise OutputMismatchError(measurement.error[len(prefix):])
         raise MeasurementError(f"measuring on {deployment.device} failed: {measurement.error}")
     return float(measurement.median_ms)
 
 
 def profile(model: Any, deployment: Any = None, example_inputs: Any = None, *, runs: int = 10,
-            print_table: bool = False):
+            print_table: bool = False, check: bool = True):
     """Per-kernel latency table, FLOPs, parameters, parameter and peak activation bytes.
+
+    Args:
+        check: Compare the build's outputs with PyTorch first (see :func:`compile`); False opts out.
 
     Returns:
         A :class:`omnic.compile.profiler.Profile` (a dict that prints as a table).
+
+    Raises:
+        OutputMismatchError: The compiled outputs differ from PyTorch's: a wrong program is not profiled.
     """
     from omnic.compile import profiler
 
     traced, deployment = _coerce(model, deployment, example_inputs)
     _require_measurable(deployment)
-    dm = compile(traced, deployment, check=False, progress=False)
+    dm = compile(traced, deployment, check=check, progress=False)
     measurement = dm.measure()
     runtime = dm.runtime
     inputs = [runtime.to_device(a) for a in dm.random_inputs()]

@@ -115,3 +115,28 @@ class CacheError(OmnicError):
 class CacheWarning(UserWarning):
     """Something in the cache was repaired or turned off (a corrupt latency store moved aside and
     rebuilt, a read-only store whose writes are off); work goes on, and the warning says where."""
+
+
+class OutputMismatchError(CompileError):
+    """A compiled program whose outputs differ from PyTorch's beyond the precision's tolerance.
+
+    Raised instead of returning (or measuring, or storing the latency of) a wrong program.
+
+    Attributes:
+        max_rel_error: ``max|actual - expected| / max|expected|`` over the outputs (``inf`` for a
+            shape mismatch or NaN/inf where PyTorch is finite).
+        tolerance: The precision's tolerance it exceeded.
+        node: The first fx node whose output parts from PyTorch's (None where bisection could
+            not localise it).
+        op: That node's operator (module type or function name).
+        module: That node's module path (``"<top level>"`` for free functions).
+    """
+
+    def __init__(self, message: str, *, max_rel_error: float | None = None, tolerance: float | None = None,
+                 node: str | None = None, op: str | None = None, module: str | None = None):
+        super().__init__(message)
+        self.max_rel_error = max_rel_error
+        self.tolerance = tolerance
+        self.node = node
+        self.op = op
+        self.module = module

@@ -88,6 +88,10 @@ class Measurement:
             (a remote server reports it only if it is ``omnic serve``).
         noisy: The spread stayed above ``MeasureConfig.noisy_spread`` after every retry.
         attempts: How many times it was measured (noise retries and, remotely, server faults).
+        checked: Whether the measured build's outputs were compared with PyTorch's and agreed
+            (for a failed measurement: whether it failed that comparison); False for an
+            unchecked build (``check=False``, or a remote device whose outputs are not compared
+            here); None where unknown (fakes, rows stored before the check existed).
     """
 
     median_ms: float | None
@@ -100,6 +104,7 @@ class Measurement:
     load: float | None = None
     noisy: bool = False
     attempts: int = 1
+    checked: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -113,7 +118,8 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         return {"median_ms": self.median_ms, "spread": self.spread, "runs": self.runs,
                 "results_ms": list(self.results_ms), "error": self.error, "device": self.device,
-                "cached": self.cached, "load": self.load, "noisy": self.noisy, "attempts": self.attempts}
+                "cached": self.cached, "load": self.load, "noisy": self.noisy, "attempts": self.attempts,
+                "checked": self.checked}
 
     def quality(self) -> dict[str, Any]:
         """What the latency store keeps beside the numbers: load, noise flag and attempts."""

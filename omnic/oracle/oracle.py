@@ -5,17 +5,21 @@ The oracle does not know how to compile: the compile function is injected at con
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import tempfile
 import threading
 from typing import Any, Callable, Sequence
 
 from omnic.compile import stack_align
+from omnic.compile.bisect import mismatch_error
+from omnic.compile.check import output_error, tolerance
 from omnic.compile.pipeline import PIPELINE_REVISION
 from omnic.compile.target import host_cpu_name
 from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
-from omnic.core.errors import (DeviceUnreachableError, LeaseTimeoutError, ServerConnectError,
-                                UnsupportedOperatorError, describe)
+from omnic.core.errors import (DeviceUnreachableError, LeaseTimeoutError, OutputMismatchError,
+                               ServerConnectError, UnsupportedOperatorError, describe)
 from omnic.core.ir import TracedModel, trace
 from omnic.core.measure import PROTOCOL_REVISION, CompileFn, MeasureConfig, Measurement
 from omnic.oracle.store import LatencyStore, StoreKey
@@ -26,6 +30,55 @@ from omnic.remote.batch import BatchConfig, FarmBatch, count_servers
 #: Unreachable-device errors that belong to one measurement, not to the device: a lease that timed
 #: out or a server that died is recorded as that candidate's failure (a later ask measures again).
 _CANDIDATE_FAULTS = (LeaseTimeoutError, ServerConnectError)
+
+#: What a farm batch records instead of an output check: its servers run the candidates, and their
+#: outputs are not fetched back to compare.
+_REMOTE_UNCHECKED = "measured by a remote batch: outputs not compared with PyTorch"
+
+
+def _checkable(deployment: Deployment) -> bool:
+    """Whether this process can compare the deployment's outputs with PyTorch's (a local device)."""
+    return deployment.spec.local and not deployment.is_remote
+
+
+def _answers(cached: Measurement | None, deployment: Deployment, check: bool) -> bool:
+    """Whether a stored row answers a request without a build.
+
+    A latency answers an unchecked request, and a checked one when its build was checked (or
+    cannot be: a remote device). A checked build that was refused (a wrong program) answers a
+    checked request too: it is refused again from the store, so searches skip it at once. The
+    key holds the pipeline revision, so a fixed lowering (which bumps it) checks afresh.
+    """
+    if cached is None:
+        return False
+    if cached.ok:
+        return not check or cached.checked is True or not _checkable(deployment)
+    return check and cached.checked is True
+
+
+def _check_record(dm: Any, deployment: Deployment) -> tuple[bool, dict[str, Any]]:
+    """``(checked, extra)`` for a build ``compile_fn`` returned: checked when its report carries the
+    output difference to PyTorch (``engine.compile`` sets it only after the check passed)."""
+    report = getattr(dm, "report", None)
+    error = report.get("max_rel_error") if report is not None and hasattr(report, "get") else None
+    if error is not None:
+        return True, {"checked": True, "max_rel_error": float(error)}
+    return False, {"checked": False}
+
+
+def _check_remote(dm: Any, traced: TracedModel, deployment: Deployment) -> tuple[bool, dict[str, Any]]:
+    """Run a remote build once on its leased server (the lease the measurement then uses) and
+    compare with PyTorch here: ``engine.compile`` cannot, it takes no lease.
+
+    Raises:
+        OutputMismatchError: The outputs differ beyond the precision's tolerance (naming the
+            suspect ops: prefixes are not bisected on a remote device).
+    """
+    error, tol = output_error(dm, traced), tolerance(deployment.precision)
+    if not error <= tol:
+        raise mismatch_error(traced, error, tolerance=tol, precision=deployment.precision,
+                             device=deployment.device, run_prefix=None)
+    return True, {"checked": True, "max_rel_error": float(error), "checked_on": "remote"}
 
 
 class Oracle:
@@ -69,11 +122,27 @@ class Oracle:
         return self.store.get(self.key(traced, deployment))
 
     def measure(self, model: Any, deployment: Any, example_inputs: Any = None, *,
-                config: MeasureConfig | None = None) -> Measurement:
+                config: MeasureConfig | None = None, check: bool = True) -> Measurement:
         """Exact latency of ``model`` on the deployment's device (a stored value when there is one).
 
         Failures come back as a Measurement with ``error`` set, not as exceptions, so a batch of
         candidates is never lost to one bad one.
+
+        Args:
+            model: ``nn.Module``, GraphModule or :class:`TracedModel`.
+            deployment: ``Deployment`` or the equivalent dict.
+            example_inputs: Inputs for a model that is not traced yet.
+            config: The measurement protocol (default: the oracle's).
+            check: Compile with the output check (``compile_fn(..., check=True)``): a build whose
+                outputs differ from PyTorch's is never measured; its failure is stored (extra
+                ``{"checked": true, "mismatch": true}``) and answers later checked requests. The
+                check runs once per key: the row records ``"checked"`` and its ``max_rel_error``.
+                A stored unchecked latency does not answer a checked request; the build is then
+                checked, and the stored value kept (same build) or replaced by the refusal.
+                On a remote device the build is run once on the leased server and compared here
+                (``extra["checked_on"] = "remote"``); :meth:`measure_many`'s farm batches record
+                theirs unchecked (``extra["unchecked"]`` says why), and on a remote device a
+                stored latency answers either way (its outputs cannot be compared from the store).
 
         Raises:
             UnsupportedOperatorError: The model holds an operator the compiler cannot lower (it
@@ -84,19 +153,36 @@ class Oracle:
         traced = model if isinstance(model, TracedModel) else trace(model, example_inputs)
         key = self.key(traced, deployment)
         cached = self.store.get(key)
-        if cached is not None and cached.ok:
+        if _answers(cached, deployment, check):
             return cached
         if deployment.is_remote:
             # Before compiling: a key no server has fails now (NoServerError), not after a build
             # and the whole lease timeout, and nothing about the candidate is stored.
             require_servers(deployment.tracker, deployment.rpc_key)
+        extra: dict[str, Any] = {}
         try:
-            dm = self.compile_fn(traced, deployment, check=False, progress=False)
+            dm = self.compile_fn(traced, deployment, check=check, progress=False)
+            ran_remotely = False
             try:
-                measurement = dm.measure(config or self.config)
+                checked, extra = _check_record(dm, deployment)
+                if check and not checked and deployment.is_remote:
+                    ran_remotely = True
+                    checked, extra = _check_remote(dm, traced, deployment)
+                if cached is not None and cached.ok and checked:
+                    # the stored value was measured on this very build, unchecked: keep it, now checked
+                    self.store.put(key, cached, extra)
+                    return dataclasses.replace(cached, checked=True)
+                measurement = dataclasses.replace(dm.measure(config or self.config), checked=checked)
             finally:
                 if deployment.is_remote:
                     dm.runtime.close()  # give the leased server back to the farm now, not at GC
+                    if ran_remotely:
+                        # calling a remote DeviceModel (dm(x)) leaves a reference cycle that holds
+                        # the RPC session, so close() alone frees the server only at the next GC
+                        gc.collect()
+        except OutputMismatchError as exc:  # a wrong program: its failure is stored, never a latency
+            measurement = Measurement(median_ms=None, error=describe(exc), device=deployment.device, checked=True)
+            extra = {"checked": True, "mismatch": True, "max_rel_error": exc.max_rel_error, "node": exc.node}
         except Exception as exc:  # noqa: BLE001 - a failed candidate is data
             if isinstance(exc, DeviceUnreachableError) and not isinstance(exc, _CANDIDATE_FAULTS):
                 raise  # no device to measure on: nothing about the candidate to record
@@ -105,13 +191,15 @@ class Oracle:
                 # user needs the operator and the workaround, not a generic MeasurementError
                 raise
             measurement = Measurement(median_ms=None, error=describe(exc), device=deployment.device)
-        self.store.put(key, measurement)
+            extra = {}
+        self.store.put(key, measurement, extra)
         self.fresh_measurements += 1
         return measurement
 
     def measure_many(self, models: Sequence[Any], deployment: Any, example_inputs: Any = None, *,
                      config: MeasureConfig | None = None, batch: BatchConfig | None = None,
-                     on_result: Callable[[int, Measurement], None] | None = None) -> list[Measurement]:
+                     on_result: Callable[[int, Measurement], None] | None = None,
+                     check: bool = True) -> list[Measurement]:
         """Exact latency of many candidates; on a remote deployment, in parallel over the farm.
 
         With a tracker, every server registered under the deployment's key measures at once (one
@@ -129,6 +217,7 @@ class Oracle:
             config: The measurement protocol (default: the oracle's).
             batch: Timeouts, retries and workers (:class:`omnic.remote.batch.BatchConfig`).
             on_result: ``(index, Measurement)`` called as each candidate finishes.
+            check: As for :meth:`measure` (searches leave it on: a wrong candidate fails and is skipped).
 
         Returns:
             One Measurement per model, in order (failed ones have ``error`` set).
@@ -145,7 +234,7 @@ class Oracle:
         for i, t in enumerate(traced):
             key = self.key(t, deployment)
             cached = self.store.get(key)
-            if cached is not None and cached.ok:
+            if _answers(cached, deployment, check):
                 results[i] = cached
                 if on_result is not None:
                     on_result(i, cached)
@@ -155,7 +244,7 @@ class Oracle:
             return results  # type: ignore[return-value]
         if not deployment.is_remote:
             for indices in groups.values():
-                m = self.measure(traced[indices[0]], deployment, config=cfg)
+                m = self.measure(traced[indices[0]], deployment, config=cfg, check=check)
                 for i in indices:
                     results[i] = m
                     if on_result is not None:
@@ -168,11 +257,14 @@ class Oracle:
         lock = threading.Lock()
         with tempfile.TemporaryDirectory(prefix="omnic-batch-") as tmp:
             def prepare(j: int):
-                dm = self.compile_fn(traced[todo[j][1][0]], deployment, check=False, progress=False)
+                dm = self.compile_fn(traced[todo[j][1][0]], deployment, check=check, progress=False)
                 return export_for_upload(dm.executable, deployment, tmp), dm.input_shapes, dm.input_dtypes
 
             def store(j: int, m: Measurement, extra: dict[str, Any]) -> None:
                 key, indices = todo[j]
+                if m.ok:  # measured on the farm: the outputs were not compared here
+                    m = dataclasses.replace(m, checked=False)
+                    extra = {**(extra or {}), "checked": False, "unchecked": _REMOTE_UNCHECKED}
                 self.store.put(key, m, extra)  # at once: a later fault cannot lose it
                 with lock:
                     self.fresh_measurements += 1

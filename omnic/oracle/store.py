@@ -120,6 +120,15 @@ class StoreKey:
         return json.dumps([list(s) for s in shapes])
 
 
+def _checked(extra: str | None) -> bool | None:
+    """The ``checked`` flag of a row's extra JSON (None for rows stored before the output check)."""
+    try:
+        value = json.loads(extra or "{}").get("checked")
+    except (ValueError, AttributeError):  # not JSON, or not an object: unknown, not an error
+        return None
+    return value if isinstance(value, bool) else None
+
+
 class LatencyStore:
     """SQLite-backed measurement store (one file, safe for concurrent writer processes).
 
@@ -315,7 +324,7 @@ class LatencyStore:
             return None
         measurement = _measurement(row[:5], key.device)
         if measurement is not None:
-            measurement = dataclasses.replace(measurement, **_quality(row[5]))
+            measurement = dataclasses.replace(measurement, **_quality(row[5]), checked=_checked(row[5]))
         if measurement is None:
             _log.warning("ignoring an invalid row of %s for %s (median_ms=%r, results_ms=%.60r): it will be "
                          "measured again", self.path, key, row[0], row[3])
