@@ -13,7 +13,8 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.torch import from_exported_program
 
-from omnic.core.errors import CompileError, TraceError, UnsupportedOperatorError, describe
+from omnic.compile.converters import converters_for, node_location
+from omnic.core.errors import CompileError, OmnicError, TraceError, UnsupportedOperatorError, describe
 from omnic.core.ir import TracedModel, fused_graph
 from omnic.core.quiet import known_warnings_filtered
 
@@ -36,28 +37,38 @@ def _unsupported_names(text: str) -> list[str]:
     return re.findall(r"'([\w.]+)'", text.split("Unsupported function types", 1)[-1])
 
 
-def _node_location(node: torch.fx.Node, op_name: str) -> str:
-    """``"<op> in module '<path>' (<source line>)"`` for an error message."""
-    stack = node.meta.get("nn_module_stack") or {}
-    module = list(stack.values())[-1][0] if stack else "<top level>"
-    trace_line = (node.meta.get("stack_trace") or "").strip().splitlines()
-    return f"{op_name} in module {module!r}" + (f" ({trace_line[-1].strip()})" if trace_line else "")
+# Workarounds for ops TVM 0.27 has no converter for, by the op's name without its overload.
+_WORKAROUNDS = {
+    "grid_sampler_3d": "sample each depth slice with 2-D grid_sample (its 2-D form is supported), "
+                       "or run the sampling outside the compiled model",
+}
+_GENERIC_WORKAROUND = ("replace it with a supported equivalent (e.g. AdaptiveMaxPool2d -> MaxPool2d with a "
+                       "fixed kernel), or run nas.adapt, which rewrites known unsupported operators")
 
 
 def _unsupported_op_error(exc: Exception, ep: torch.export.ExportedProgram) -> UnsupportedOperatorError:
     text = str(exc)
     names = _unsupported_names(text)
     where = []
-    for node in ep.graph.nodes:
-        op_name = getattr(node.target, "__name__", str(node.target))
-        if node.op == "call_function" and any(n in (op_name, f"{op_name}.default") or op_name.startswith(
-                n.split(".")[0] + ".") for n in names):
-            where.append(_node_location(node, op_name))
+    try:
+        # The importer names ops after its own run_decompositions (grid_sampler -> grid_sampler_3d):
+        # look for them in that graph, as it saw it; decomposing again costs only on this error path.
+        graphs = [ep.run_decompositions().graph, ep.graph]
+    except Exception:
+        graphs = [ep.graph]
+    for graph in graphs:
+        for node in graph.nodes:
+            op_name = getattr(node.target, "__name__", str(node.target))
+            if node.op == "call_function" and any(n in (op_name, f"{op_name}.default") or op_name.startswith(
+                    n.split(".")[0] + ".") for n in names):
+                where.append(node_location(node, op_name))
+        if where:
+            break
     detail = "; ".join(where[:5]) if where else text[:500]
+    fixes = [_WORKAROUNDS[n.split(".")[0]] for n in names if n.split(".")[0] in _WORKAROUNDS]
     return UnsupportedOperatorError(
         f"TVM's importer has no converter for {', '.join(names) or 'an operator'}: {detail}.\n"
-        "  fix: replace it with a supported equivalent (e.g. AdaptiveMaxPool2d -> MaxPool2d with a fixed "
-        "kernel), or run nas.adapt, which rewrites known unsupported operators")
+        f"  fix: {'; '.join(fixes) or _GENERIC_WORKAROUND}")
 
 
 def _lower_onnx(traced: TracedModel) -> tvm.IRModule:
@@ -79,10 +90,13 @@ def lower(traced: TracedModel) -> tvm.IRModule:
 
     PyTorch models go through ``torch.export`` and TVM's ExportedProgram importer: its fx
     importer mishandles eval-mode BatchNorm and nearest-neighbour interpolation without an error.
+    Where the ExportedProgram importer itself lowers an op wrongly (negative indices, grid_sample),
+    :func:`omnic.compile.converters.converters_for` replaces its converter or refuses the op.
 
     Raises:
         TraceError: ``torch.export`` cannot capture the graph.
-        UnsupportedOperatorError: TVM's importer has no converter for an operator.
+        UnsupportedOperatorError: TVM's importer has no converter for an operator, or one of
+            ours refuses an op it would lower wrongly.
         CompileError: The importer failed otherwise.
     """
     if traced.source == "onnx":
@@ -90,7 +104,10 @@ def lower(traced: TracedModel) -> tvm.IRModule:
     ep = _export(traced)
     try:
         with known_warnings_filtered():  # torch's pytree FutureWarning, once per import
-            return from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+            return from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+                                         custom_convert_map=converters_for(ep))
+    except OmnicError:
+        raise  # a converter of ours refused an op: already typed, naming the op and the fix
     except Exception as exc:
         if "Unsupported" in str(exc):
             raise _unsupported_op_error(exc, ep) from exc
