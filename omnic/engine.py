@@ -117,10 +117,14 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         prepared = pipeline.prepare(mod, spec, target, deployment.precision, winograd=use_winograd)
     t_prepare = time.perf_counter() - t0
     tuning_report: Any = {"trials": 0, "tasks": 0, "new_tasks": 0}
+    database_given = database
     if database is None:
         database, tuning_report = tuning.database_for(prepared, deployment, target, progress=progress)
     t1 = time.perf_counter()
-    executable, final_mod = build.build(prepared, spec, target, database)
+    # replay failures are remembered next to the device's database (not next to a caller's own)
+    built = build.build_result(prepared, spec, target, database,
+                               failures_dir=db_dir if database_given is None else None)
+    executable, final_mod = built.executable, built.module
     scheduled, unscheduled = build.scheduled_kernels(final_mod)
     report = CompileReport(
         device=spec.name, precision=deployment.precision, target=str(target),
@@ -129,7 +133,8 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         kernels_scheduled=len(scheduled), kernels_unscheduled=len(unscheduled),
         winograd_convs=winograd.count_convs(prepared),
         ops_precision={"float32" if deployment.precision == "fp32" else deployment.precision: "all"},
-        prepare_s=round(t_prepare, 3), build_s=round(time.perf_counter() - t1, 3))
+        prepare_s=round(t_prepare, 3), build_s=round(time.perf_counter() - t1, 3),
+        replay=built.replay, records_failed_to_replay=built.records_failed_to_replay)
     dm = DeviceModel(executable=executable, deployment=deployment, input_shapes=traced.input_shapes,
                      input_dtypes=traced.input_dtypes, output_is_tuple=traced.output_is_tuple,
                      structural_hash=traced.structural_hash, report=report, module=final_mod)

@@ -4,6 +4,8 @@ Also reads a build back: which kernels carry a schedule, and the device source o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import tvm
@@ -11,26 +13,51 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from omnic.compile.stack_align import pipeline_for
+from omnic.compile.tuning.replay import KernelReplay, apply_database
 from omnic.core.errors import CompileError, describe
 from omnic.core.targets import DeviceSpec
 
 
-def _apply_database(mod: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any) -> tvm.IRModule:
-    with target, database:
-        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+def _apply_database(mod: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any,
+                    failures_dir: Path | None) -> tuple[tvm.IRModule, tuple[KernelReplay, ...]]:
+    # kernel by kernel rather than TVM's MetaScheduleApplyDatabase, which ends the build at the
+    # first record that does not replay (a record of another epilogue of the same conv)
+    with target:
+        mod, replay = apply_database(mod, target, database, failures_dir=failures_dir)
     if spec.kind == "cpu":
         # tuned kernels re-lay out their weights; split that out and fold it at compile time
         mod = relax.transform.SplitLayoutRewritePreproc()(mod)
         with target:
             mod = relax.transform.FoldConstant()(mod)
         mod = relax.transform.DeadCodeElimination()(mod)
-    return mod
+    return mod, replay
 
 
 def _default_gpu_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     with target:
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildResult:
+    """What :func:`build_result` built.
+
+    Attributes:
+        executable: The Relax VM executable.
+        module: The module it was built from (kernels scheduled).
+        replay: One entry per kernel the database has records for: tuned with which record, or
+            fallen back because none replayed (:class:`~omnic.compile.tuning.replay.KernelReplay`).
+    """
+
+    executable: Any
+    module: tvm.IRModule
+    replay: tuple[KernelReplay, ...] = ()
+
+    @property
+    def records_failed_to_replay(self) -> int:
+        """Records that did not replay on a kernel of this build (tried now or known before)."""
+        return sum(k.records_failed for k in self.replay)
 
 
 def build(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target,
@@ -49,10 +76,36 @@ def build(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targe
     Raises:
         CompileError: TVM failed to build.
     """
+    result = build_result(mod_prepared, spec, target, database)
+    return result.executable, result.module
+
+
+def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any = None, *,
+                 failures_dir: Path | None = None) -> BuildResult:
+    """:func:`build`, also saying what applying the database did to each kernel.
+
+    A record that does not replay on a kernel never fails the build: the next best record is
+    tried, and when none replays the kernel keeps the schedule an untuned build gives it.
+
+    Args:
+        mod_prepared: The module :func:`omnic.compile.pipeline.prepare` returns.
+        spec: The device.
+        target: Its TVM target.
+        database: A MetaSchedule database, or None for an untuned build.
+        failures_dir: The database's folder, where (kernel, record) pairs that did not replay
+            are remembered so later builds skip them; None to remember nothing.
+
+    Returns:
+        A :class:`BuildResult`.
+
+    Raises:
+        CompileError: TVM failed to build.
+    """
+    replay: tuple[KernelReplay, ...] = ()
     try:
         mod = mod_prepared
         if database is not None:
-            mod = _apply_database(mod, spec, target, database)
+            mod, replay = _apply_database(mod, spec, target, database, failures_dir)
         if spec.kind == "gpu":
             mod = _default_gpu_schedules(mod, target)
         # Folding the layout-rewritten weights leaves each kernel's constants in a tuple that the
@@ -62,7 +115,7 @@ def build(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targe
         executable = tvm.compile(mod, target, tir_pipeline=pipeline_for(target))
     except Exception as exc:
         raise CompileError(f"building for {spec.name} failed: {describe(exc)}") from exc
-    return executable, mod
+    return BuildResult(executable=executable, module=mod, replay=replay)
 
 
 def scheduled_kernels(mod: tvm.IRModule) -> tuple[list[str], list[str]]:

@@ -109,6 +109,13 @@ class CompileReport(_DictView):
         max_rel_error: Largest output difference to PyTorch relative to its largest output, on
             the example inputs (None where not checked).
         quantization: The int8 part (None for other precisions, and then absent from ``to_dict()``).
+        replay: What applying the tuning database did, one entry per kernel it has records for
+            (:class:`omnic.compile.tuning.replay.KernelReplay`): ``"tuned"`` with the rank of the
+            record used (0: the best), or ``"fallback"`` when no record replayed on the kernel
+            (it keeps its untuned schedule), with the first replay error.
+        records_failed_to_replay: Records that did not replay on a kernel of this build (a
+            record of another epilogue of the same anchor op), tried now or known from an
+            earlier build.
     """
 
     device: str
@@ -126,6 +133,8 @@ class CompileReport(_DictView):
     build_s: float = 0.0
     max_rel_error: float | None = None
     quantization: QuantReport | None = None
+    replay: tuple[Any, ...] = ()
+    records_failed_to_replay: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -15,6 +15,10 @@ How a compile uses it (``engine.compile`` -> :func:`database_for`):
    first, then each batch to the task expected to save the most model time; tuning stops when
    the trial budget or the time budget (``Deployment.tuning_time_s``) is spent
    (:mod:`~omnic.compile.tuning.run`).
+4. ``build`` applies the database kernel by kernel (:mod:`~omnic.compile.tuning.replay`): a
+   record tuned on one epilogue of a conv does not always replay onto another; then the next
+   record is tried, else the kernel keeps its untuned schedule, the report says so, and the
+   failure is remembered next to the database. A record never fails a build.
 
 Interrupted runs (``kill -9`` included): ``JSONDatabase`` appends each record as it commits, so
 every finished batch survives. A small ledger next to the database
@@ -37,9 +41,10 @@ from omnic.compile.tuning.config import TuningConfig, using
 from omnic.compile.tuning.database import (MODULE_EQUALITY, database_dir, locked, open_database, open_snapshot,
                                            repair_jsonl)
 from omnic.compile.tuning.ledger import LEDGER, LEDGER_VERSION
+from omnic.compile.tuning.replay import REPLAY_FAILURES, KernelReplay, apply_database
 from omnic.compile.tuning.report import TuningReport
 from omnic.compile.tuning.run import database_for, tune
 
-__all__ = ["LEDGER", "LEDGER_VERSION", "MODULE_EQUALITY", "TuningConfig", "TuningReport", "database_dir",
-           "database_for", "fast_build", "light_tensor_intrinsics", "locked", "open_database", "open_snapshot",
-           "repair_jsonl", "tune", "using"]
+__all__ = ["LEDGER", "LEDGER_VERSION", "MODULE_EQUALITY", "REPLAY_FAILURES", "KernelReplay", "TuningConfig",
+           "TuningReport", "apply_database", "database_dir", "database_for", "fast_build", "light_tensor_intrinsics",
+           "locked", "open_database", "open_snapshot", "repair_jsonl", "tune", "using"]
