@@ -348,6 +348,9 @@ def check(spec: ModelSpec, *, tolerance: float = TOLERANCE_FP32) -> Outcome:
             errors.append(floored_relative_error(as_list(dm(x)), as_list(expected)))
     except omnic.UnsupportedOperatorError as exc:
         return Outcome("refused", error=describe(exc), seconds=time.perf_counter() - t0)
+    except omnic.OutputMismatchError as exc:  # omnic's own check refused the build: a mismatch found
+        return Outcome("mismatch", max_rel_error=exc.max_rel_error, error=describe(exc),
+                       seconds=time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - any other failure is what the fuzzer is looking for
         return Outcome("error", error=describe(exc), seconds=time.perf_counter() - t0)
     worst = max(errors)
