@@ -1,8 +1,8 @@
 """The pass pipeline that prepares a lowered module for a device kind and precision.
 
 :func:`prepare` chains small named stages, each a list of passes for one concern, in the style of
-TVM's own ``relax.get_pipeline``: simplification, precision, CPU layout, fusion, then kernel
-attributes. Their order is fixed, since tuning records are keyed by the structural hash of the
+TVM's own ``relax.get_pipeline``: importer corrections, simplification, precision, CPU layout,
+fusion, then kernel attributes. Their order is fixed, since tuning records are keyed by the structural hash of the
 kernels it produces.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from omnic.compile import rules, winograd
+from omnic.compile import legalize, rules, winograd
 from omnic.compile.quant import (DOT_PRODUCT_PACKINGS, pack_dot_product, quantize_relax,
                                  strip_layout_free)
 from omnic.core.errors import CompileError, describe
@@ -29,7 +29,9 @@ from omnic.core.targets import DeviceSpec
 #: 6: constants reach the kernels directly, not through a tuple the VM builds per call.
 #: 7: tuned CPU fp32 builds run 3x3 stride-1 convs as Winograd (omnic.compile.winograd).
 #: 8: NHWC depthwise convs are tuned in omnic's own design space (schedule_rules.DEPTHWISE_RULE).
-PIPELINE_REVISION = 8
+#: 9: torch's nearest resizes are asymmetric + floor, negative squeeze axes made non-negative
+#:    (omnic.compile.legalize).
+PIPELINE_REVISION = 9
 
 #: One step of the pipeline: a module pass, or a function with the same shape.
 Step = Callable[[tvm.IRModule], tvm.IRModule]
@@ -129,6 +131,11 @@ def _under(target: tvm.target.Target, step: Step) -> Step:
 
 
 # ----------------------------------------------------------------------------------- stages
+def correct() -> list[Step]:
+    """Fix what the importers get wrong (:mod:`omnic.compile.legalize`), before any pass sees it."""
+    return list(legalize.PASSES)
+
+
 def simplify(target: tvm.target.Target) -> list[Step]:
     """Inference-only rewrites and constant folding, common to every device."""
     return [relax.transform.FoldBatchnormToConv2D(), relax.transform.DecomposeOpsForInference(),
@@ -195,9 +202,10 @@ def prepare(mod: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, prec
             quantization: Any = None, quant_report: dict | None = None, winograd: bool = False) -> tvm.IRModule:
     """Optimise and fuse a lowered module for ``spec``; the result is what tuning sees.
 
-    Steps (CPU): BN folding, inference decomposition, constant folding, NHWC/OHWI conv layout,
-    legalize + fuse ("zero" pipeline), layout-free weight attributes (so tuned kernels may
-    re-lay out weights, folded at compile time). GPU: the same without the layout change.
+    Steps (CPU): importer corrections (torch's nearest resize, squeeze axes), BN folding,
+    inference decomposition, constant folding, NHWC/OHWI conv layout, legalize + fuse ("zero"
+    pipeline), layout-free weight attributes (so tuned kernels may re-lay out weights, folded at
+    compile time). GPU: the same without the layout change.
 
     int8: conv2d/matmul become integer kernels (:func:`omnic.compile.quant.quantize_relax`) with the
     scales of ``quantization`` (an :class:`omnic.compile.quant.Calibration`); without one, a fixed
@@ -214,7 +222,8 @@ def prepare(mod: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, prec
         CompileError: A pass failed.
     """
     report = quant_report if quant_report is not None else {}
-    steps = [*simplify(target),
+    steps = [*correct(),
+             *simplify(target),
              *to_precision(spec, precision, quantization, report),
              *cpu_layout(spec, precision, report, winograd_convs=winograd),
              *fuse(target),

@@ -1,8 +1,10 @@
-"""Miscompilations the fuzzer found and that are not fixed yet, each with its minimal repro.
+"""Miscompilations the fuzzer found, each with its minimal repro: open ones and fixed ones.
 
-The CI sample skips models that hit one of these (so it stays green and keeps looking for new
-bugs), and ``test_differential.py`` runs every minimal repro as ``xfail(strict=True)``: when a fix
-lands the repro passes, the strict xfail fails, and the entry here must go (with its skip).
+The CI sample skips models that hit an open bug (``KNOWN_BUGS``, so it stays green and keeps
+looking for new bugs), and ``test_differential.py`` runs every open bug's minimal repro as
+``xfail(strict=True)``: when a fix lands the repro passes, the strict xfail fails, and the entry
+moves to ``FIXED_BUGS``, whose repros must pass (regression tests) and whose ops the sample draws
+again.
 """
 from __future__ import annotations
 
@@ -30,10 +32,14 @@ def _nearest_non_integer(spec: ModelSpec, node: Node) -> bool:
     return oh % h != 0 or ow % w != 0  # integer upscales agree (half-pixel rounding equals floor there)
 
 
-KNOWN_BUGS = (
+#: Open: none at present.
+KNOWN_BUGS: tuple[KnownBug, ...] = ()
+
+#: Fixed, kept as regression repros (``reason`` says what it was and where the fix is).
+FIXED_BUGS = (
     KnownBug(
         name="nearest_resize_non_integer_scale",
-        reason=("TVM's ExportedProgram importer (_upsample_nearest2d) emits resize2d with "
+        reason=("fixed by omnic.compile.legalize.nearest_resize_asymmetric. TVM's ExportedProgram importer (_upsample_nearest2d) emits resize2d with "
                 "coordinate_transformation_mode='half_pixel', rounding 'round'; PyTorch's 'nearest' is "
                 "asymmetric + floor (src = floor(dst * in / out)). They agree only for integer upscales: "
                 "13x17 -> 12x16 differs by a max relative error of 0.87"),
@@ -45,7 +51,7 @@ KNOWN_BUGS = (
     ),
     KnownBug(
         name="multihead_attention_squeeze_negative_axis",
-        reason=("nn.MultiheadAttention's packed in-projection exports as squeeze(axis=[-2]) on a 5-d "
+        reason=("fixed by omnic.compile.legalize.squeeze_axes_non_negative. nn.MultiheadAttention's packed in-projection exports as squeeze(axis=[-2]) on a 5-d "
                 "tensor; TVM's ConvertLayout (run for the NHWC conv layout) dies with std::bad_alloc on a "
                 "squeeze with a negative axis (squeeze(axis=[3]) passes), so compile raises CompileError "
                 "'preparing the model for host failed: InternalError: std::bad_alloc'"),
@@ -58,9 +64,9 @@ KNOWN_BUGS = (
 )
 
 
-def known_bug(spec: ModelSpec) -> KnownBug | None:
-    """The first known bug a node of ``spec`` hits, or None."""
-    for bug in KNOWN_BUGS:
+def known_bug(spec: ModelSpec, bugs: tuple[KnownBug, ...] = KNOWN_BUGS) -> KnownBug | None:
+    """The first of ``bugs`` (default: the open ones) a node of ``spec`` hits, or None."""
+    for bug in bugs:
         if any(bug.hits(spec, node) for node in spec.nodes[1:]):
             return bug
     return None

@@ -2,7 +2,8 @@
 
 The CI sample (``test_fixed_seed_sample``) draws 30 models with a derandomised hypothesis run;
 ``benchmarks/bench_fuzz.py`` runs 1,000+. A finding fails with its minimised repro. Known, unfixed
-bugs (``known_bugs.py``) are skipped in the sample and checked as strict xfails of their own.
+bugs (``known_bugs.py``) are skipped in the sample and checked as strict xfails of their own; fixed
+ones are regression tests.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import omnic
 from omnic import engine
 from omnic.core.ir import trace
 from tests.fuzz import generator as gen
-from tests.fuzz.known_bugs import KNOWN_BUGS, known_bug
+from tests.fuzz.known_bugs import FIXED_BUGS, KNOWN_BUGS, known_bug
 
 SAMPLE_SIZE = 30
 
@@ -69,7 +70,7 @@ def test_minimise_keeps_the_failure_and_drops_the_rest():
 
 def test_check_classifies_refusals_and_errors(monkeypatch):
     """A typed UnsupportedOperatorError is a refusal, not a finding; anything else is a finding."""
-    spec = KNOWN_BUGS[0].repro
+    spec = FIXED_BUGS[0].repro
 
     def refuse(*_a, **_k):
         raise omnic.UnsupportedOperatorError("no converter for aten.foo: use bar")
@@ -108,6 +109,15 @@ def test_fixed_seed_sample(spec):
 def test_known_bug_repro(bug):
     """The minimal repro of each known bug; passes (and so fails the strict xfail) once fixed."""
     assert known_bug(bug.repro) is bug
+    outcome = gen.check(bug.repro)
+    assert outcome.status == "ok", f"{outcome.status} {outcome.max_rel_error} {outcome.error[:300]}"
+
+
+@pytest.mark.parametrize("bug", FIXED_BUGS, ids=[b.name for b in FIXED_BUGS])
+def test_fixed_bug_repro(bug):
+    """The minimal repro of each fixed bug compiles and matches PyTorch, and the CI sample no longer
+    skips what it hits (so the fuzzer draws those ops again)."""
+    assert known_bug(bug.repro, FIXED_BUGS) is bug and known_bug(bug.repro) is None
     outcome = gen.check(bug.repro)
     assert outcome.status == "ok", f"{outcome.status} {outcome.max_rel_error} {outcome.error[:300]}"
 
