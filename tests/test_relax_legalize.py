@@ -66,15 +66,14 @@ def test_upsample_module_and_nearest_exact_match_pytorch():
     _assert_matches(M(), torch.randn(1, 2, 6, 7))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: with a fractional scale_factor PyTorch maps dst -> floor(dst / scale), not "
-    "floor(dst * in / out); TVM's importer keeps only the rounded output size, so the Relax rewrite "
-    "cannot tell. Needs an importer-side fix in omnic/compile/frontend.py (a custom converter for "
-    "aten.upsample_nearest2d.vec that gathers with 1 / scale), or a refusal"))
 def test_nearest_fractional_scale_factor_matches_pytorch():
+    """Red before omnic.compile.converters handled it: PyTorch maps dst -> floor(dst / scale), not
+    floor(dst * in / out), and the importer keeps only the rounded output size."""
     class M(nn.Module):
         def forward(self, x):
-            return F.interpolate(x, scale_factor=1.3, mode="nearest")
+            return (F.interpolate(x, scale_factor=1.3, mode="nearest"),
+                    F.interpolate(x, scale_factor=(0.7, 2.5), mode="nearest"),
+                    F.interpolate(x, scale_factor=1.5, mode="nearest"))
 
     _assert_matches(M(), torch.randn(1, 2, 8, 6))
 

@@ -11,12 +11,17 @@ Each one was found by comparing built programs with PyTorch; each says what the 
 * ``grid_sampler_2d`` (``F.grid_sample``): the importer hands PyTorch's grid, ``[N, H, W, 2]``,
   to ``R.image.grid_sample``, whose shape inference and TOPI kernel read ``[N, 2, H, W]``
   (its docstring says otherwise); the output came out ``[N, C, W, 2]``.
+* ``upsample_nearest2d.vec`` with a fractional ``scale_factor`` (``F.interpolate(x,
+  scale_factor=1.3)``): PyTorch picks source pixel ``floor(dst / scale)``, but the importer keeps
+  only the rounded output size, and ``resize2d`` maps by ``in / out``. Sizes and whole scale
+  factors are resize2d's ``in / out`` exactly; :mod:`omnic.compile.legalize` fixes their rounding.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 import tvm
@@ -121,6 +126,32 @@ def _grid_sampler_2d(node: fx.Node, importer: Any) -> relax.Var:
         align_corners=align_corners))
 
 
+def _nearest_source(in_size: int, out_size: int, scale: float) -> np.ndarray:
+    """PyTorch's nearest source index per output index for a given ``scale_factor``: in float32,
+    as its CPU kernel computes it (``min(floor(dst * (1 / scale)), in - 1)``)."""
+    step = np.float32(1.0) / np.float32(scale)
+    index = np.floor(np.arange(out_size, dtype=np.float32) * step).astype(np.int64)
+    return np.minimum(index, in_size - 1)
+
+
+def _upsample_nearest2d(node: fx.Node, importer: Any) -> relax.Var:
+    x = importer.env[node.args[0]]
+    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    scales = node.args[2] if len(node.args) > 2 else node.kwargs.get("scale_factors")
+    dims = [_static_dim(importer, x, axis) for axis in (2, 3)]
+    if size or not scales or None in dims:
+        return importer._upsample_nearest2d(node)  # a size: in / out is PyTorch's map (legalize rounds it)
+    scales = list(scales) * 2 if len(scales) == 1 else list(scales)
+    outs = [int(np.floor(d * s)) for d, s in zip(dims, scales)]
+    if all(float(d) / o == 1.0 / s for d, o, s in zip(dims, outs, scales)):
+        return importer._upsample_nearest2d(node)  # whole scale factors: resize2d's map is exact
+    # A gather per spatial axis with PyTorch's own source indices (constants: the shapes are static).
+    bb = importer.block_builder
+    for axis, d, o, s in zip((2, 3), dims, outs, scales):
+        x = bb.emit(relax.op.take(x, relax.const(_nearest_source(d, o, s)), axis))
+    return x
+
+
 def converters_for(ep: torch.export.ExportedProgram) -> dict[str, Converter]:
     """The ``custom_convert_map`` for importing ``ep`` with ``from_exported_program``.
 
@@ -132,4 +163,5 @@ def converters_for(ep: torch.export.ExportedProgram) -> dict[str, Converter]:
         "select.int": _select,
         "index.Tensor": lambda node, importer: _index_tensor(node, importer, constants),
         "grid_sampler_2d.default": _grid_sampler_2d,
+        "upsample_nearest2d.vec": _upsample_nearest2d,
     }
