@@ -59,7 +59,8 @@ def wrong_sigmoid(monkeypatch):
         return importer.block_builder.emit(relax.op.tanh(importer.env[node.args[0]]))
 
     def patched(ep, **kwargs):
-        return real(ep, **kwargs, custom_convert_map={"sigmoid.default": wrong})
+        convert = {**(kwargs.pop("custom_convert_map", None) or {}), "sigmoid.default": wrong}
+        return real(ep, **kwargs, custom_convert_map=convert)
 
     monkeypatch.setattr(frontend, "from_exported_program", patched)
 
