@@ -3,9 +3,11 @@
 The measure is ``max|actual - expected| / max|expected|`` over all outputs: relative to the
 output's scale, and ``inf`` for a shape mismatch or a NaN/inf where the reference is finite. The
 check floors the scale at :data:`SCALE_FLOOR`: an output that is mathematically zero (the mean of
-a normalised tensor, a difference of equal branches) comes out as rounding noise of order ``1e-8``
-on both sides, and noise divided by noise is not an error; a wrong program is off by the order of
-its outputs, which the floor does not hide. The tolerances (:data:`TOLERANCES`), and why:
+a normalised tensor, a difference of equal branches) comes out as float32 cancellation noise on
+both sides, up to about ``n * 6e-8`` for a sum of ``n`` terms of order one, and noise divided by
+noise is not an error. With the floor, such outputs may differ by ``1e-6`` (fp32) in absolute
+terms; a wrong program is off by the order of its outputs, which the floor does not hide unless
+every output is far below ``1e-2``. The tolerances (:data:`TOLERANCES`), and why:
 
 - ``fp32``: ``1e-4``. Same arithmetic as PyTorch up to reassociation (tiling, vectorised sums,
   fused multiply-adds): a few ulps per op, well below ``1e-5`` for the networks omnic builds.
@@ -35,7 +37,7 @@ from omnic.core.ir import TracedModel
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.1}
 
 #: The output scale the check divides by is at least this (see the module docstring).
-SCALE_FLOOR = 1e-3
+SCALE_FLOOR = 1e-2
 
 
 def tolerance(precision: str) -> float:
