@@ -12,6 +12,7 @@ import omnic
 from omnic import Deployment, engine, nas
 from omnic.core.ir import trace
 from omnic.search.searcher import Constraints
+from tests.cli_models import ConvBNNet, MaxPoolNet
 
 
 def _conv_net() -> nn.Module:
@@ -71,20 +72,9 @@ def test_other_limits_refuse_nan_and_text(key):
 
 
 # ---------------------------------------------------------------------------------- search options
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
 def test_misspelled_search_option_names_the_closest_valid_one():
     x = torch.randn(1, 3, 8, 8)
-    omni = nas.omnimize(_Tiny().eval(), mode="autonas", example_inputs=x)
+    omni = nas.omnimize(ConvBNNet().eval(), mode="autonas", example_inputs=x)
 
     class NoOracle:  # the option check comes before any measurement
         def measure(self, *a, **k):
@@ -95,7 +85,7 @@ def test_misspelled_search_option_names_the_closest_valid_one():
     msg = str(info.value)
     assert "'populaton'" in msg and "did you mean 'population'" in msg
     with pytest.raises(omnic.SearchError, match="did you mean 'width_ratios'"):
-        nas.omnimize(_Tiny().eval(), example_inputs=x, width_ratio=(0.5, 1.0))
+        nas.omnimize(ConvBNNet().eval(), example_inputs=x, width_ratio=(0.5, 1.0))
     with pytest.raises(omnic.SearchError, match="did you mean 'epochs'"):
         nas.train_supernet(omni, [(x, torch.tensor([0]))], epoch=1)
 
@@ -130,14 +120,5 @@ def test_integer_inputs_are_not_cast_silently_when_calling_a_compiled_model():
 
 
 def test_get_latency_lets_unsupported_operator_error_reach_the_user():
-    class MaxPoolNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.pool = nn.AdaptiveMaxPool2d(2)
-
-        def forward(self, x):
-            return self.pool(self.conv(x))
-
     with pytest.raises(omnic.UnsupportedOperatorError, match="adaptive_max_pool2d"):
         engine.get_latency(MaxPoolNet().eval(), "host", torch.randn(1, 3, 10, 10))

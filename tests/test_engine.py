@@ -9,6 +9,7 @@ from torch import nn
 import omnic
 from omnic import engine
 from omnic.examples.zoo import ZOO, get_model
+from tests.cli_models import MaxPoolNet
 
 
 @pytest.fixture(scope="module")
@@ -163,15 +164,6 @@ def test_onnx_and_exported_program_inputs(tmp_path):
 
 
 def test_unsupported_operator_is_named():
-    class MaxPoolNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.pool = nn.AdaptiveMaxPool2d(2)
-
-        def forward(self, x):
-            return self.pool(self.conv(x))
-
     with pytest.raises(omnic.UnsupportedOperatorError) as info:
         engine.compile(MaxPoolNet().eval(), "host", torch.randn(1, 3, 10, 10))
     msg = str(info.value)

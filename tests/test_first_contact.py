@@ -16,6 +16,7 @@ from omnic import engine, nas
 from omnic.cli.app import main
 from omnic.compile.profiler import count_flops
 from omnic.core.ir import trace
+from tests.cli_models import ConvBNNet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,21 +91,10 @@ class _Terminal(io.StringIO):
         return True
 
 
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
 def test_training_shows_progress_on_a_terminal_and_nothing_in_a_pipe(monkeypatch):
     x = torch.randn(4, 3, 8, 8)
     loader = [(x, torch.tensor([0, 1, 0, 1]))] * 3
-    omni = nas.omnimize(_Net().eval(), mode="autonas", example_inputs=x[:1])
+    omni = nas.omnimize(ConvBNNet().eval(), mode="autonas", example_inputs=x[:1])
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     nas.train_supernet(omni, loader, epochs=1)
@@ -120,7 +110,7 @@ def test_search_shows_progress_on_a_terminal(monkeypatch, tmp_path):
     from omnic.oracle import LatencyStore, Oracle
 
     x = torch.randn(1, 3, 8, 8)
-    omni = nas.omnimize(_Net().eval(), mode="autonas", example_inputs=x)
+    omni = nas.omnimize(ConvBNNet().eval(), mode="autonas", example_inputs=x)
     oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"),
                     MeasureConfig(min_repeat_ms=5, repeats=3, max_rounds=1, time_budget_s=0.1),
                     compile_fn=engine.compile)

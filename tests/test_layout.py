@@ -49,10 +49,10 @@ def _imports(name: str, path: Path, modules: dict[str, Path]):
                     yield alias.name, child, in_function
             elif isinstance(child, ast.ImportFrom):
                 base = _resolve(child.module or "", name, is_package, child.level)
-                submodules = [f"{base}.{a.name}" for a in child.names if f"{base}.{a.name}" in modules]
-                yield from ((m, child, in_function) for m in submodules)
-                if len(submodules) < len(child.names):
-                    yield base, child, in_function
+                # `from pkg import sub` runs pkg/__init__ too: an edge to both
+                yield from ((f"{base}.{a.name}", child, in_function) for a in child.names
+                            if f"{base}.{a.name}" in modules)
+                yield base, child, in_function
             yield from visit(child, nested)
 
     yield from visit(tree, False)

@@ -20,7 +20,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from omnic.compile import rules
-from omnic.compile.tuning import builders
+import omnic.compile.tuning.builders as builders
 from omnic.compile.tuning.config import TuningConfig, current, warmup_samples
 from omnic.compile.tuning.database import MODULE_EQUALITY, database_dir, locked, open_database, open_snapshot
 from omnic.compile.tuning.ledger import LEDGER, read_ledger, write_ledger
