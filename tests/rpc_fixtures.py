@@ -13,16 +13,23 @@ from omnic.remote.farm import LocalFarm
 FARM_KEY = "host"
 
 
-@pytest.fixture(scope="module")
-def rpc_farm_module():
-    # TVM_NUM_THREADS=1 per server: two servers share this machine's cores with everything else.
-    # One server is started with `omnic serve`, so the CLI's registration path is exercised too.
-    farm = LocalFarm(servers=2, key=FARM_KEY, threads=1, omnic_servers=1)
+def running_farm(*, key: str = FARM_KEY, omnic_servers: int = 1):
+    """A started two-server farm, stopped when the generator closes (for module fixtures).
+
+    TVM_NUM_THREADS=1 per server: two servers share this machine's cores with everything else.
+    """
+    farm = LocalFarm(servers=2, key=key, threads=1, omnic_servers=omnic_servers)
     try:
         farm.start(timeout_s=120)
         yield farm
     finally:
         farm.stop()
+
+
+@pytest.fixture(scope="module")
+def rpc_farm_module():
+    # One server is started with `omnic serve`, so the CLI's registration path is exercised too.
+    yield from running_farm()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from omnic.oracle import LatencyStore, Oracle
 from omnic.oracle.store import StoreKey
 from omnic.remote import runner as rpc_runner
 from omnic.remote import session as rpc_session
-from omnic.remote.farm import LocalFarm
+from tests.rpc_fixtures import running_farm
 
 KEY = "recovery"
 X = torch.randn(1, 3, 16, 16)
@@ -49,12 +49,7 @@ class Tiny(nn.Module):
 @pytest.fixture(scope="module")
 def farm():
     # Both servers are `omnic serve`: the recovery under test is omnic's, not TVM's plain server.
-    f = LocalFarm(servers=2, key=KEY, threads=1, omnic_servers=2)
-    try:
-        f.start(timeout_s=120)
-        yield f
-    finally:
-        f.stop()
+    yield from running_farm(key=KEY, omnic_servers=2)
 
 
 def _deployment(farm, key=KEY):
