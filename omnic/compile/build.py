@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
+from omnic.compile.rules.cpu import DEFAULT_RULES, DefaultOutcome, apply_default_schedules
 from omnic.compile.stack_align import pipeline_for
 from omnic.compile.tuning.replay import KernelReplay, apply_database
 from omnic.core.errors import CompileError, describe
@@ -24,13 +25,16 @@ def _apply_database(mod: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targ
     # first record that does not replay (a record of another epilogue of the same conv)
     with target:
         mod, replay = apply_database(mod, target, database, failures_dir=failures_dir)
-    if spec.kind == "cpu":
-        # tuned kernels re-lay out their weights; split that out and fold it at compile time
-        mod = relax.transform.SplitLayoutRewritePreproc()(mod)
-        with target:
-            mod = relax.transform.FoldConstant()(mod)
-        mod = relax.transform.DeadCodeElimination()(mod)
     return mod, replay
+
+
+def _fold_weight_layouts(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    # tuned and default CPU kernels re-lay out their weights in a block marked as layout-rewrite
+    # preprocessing; split that out and fold it at compile time, so it never runs per call
+    mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+    with target:
+        mod = relax.transform.FoldConstant()(mod)
+    return relax.transform.DeadCodeElimination()(mod)
 
 
 def _default_gpu_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -48,11 +52,14 @@ class BuildResult:
         module: The module it was built from (kernels scheduled).
         replay: One entry per kernel the database has records for: tuned with which record, or
             fallen back because none replayed (:class:`~omnic.compile.tuning.replay.KernelReplay`).
+        defaults: One entry per kernel left without a schedule by the database (CPU): the
+            default rule that scheduled it, or None (:class:`~omnic.compile.rules.cpu.DefaultOutcome`).
     """
 
     executable: Any
     module: tvm.IRModule
     replay: tuple[KernelReplay, ...] = ()
+    defaults: tuple[DefaultOutcome, ...] = ()
 
     @property
     def records_failed_to_replay(self) -> int:
@@ -81,7 +88,7 @@ def build(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targe
 
 
 def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any = None, *,
-                 failures_dir: Path | None = None) -> BuildResult:
+                 failures_dir: Path | None = None, default_rules: Sequence[Any] = DEFAULT_RULES) -> BuildResult:
     """:func:`build`, also saying what applying the database did to each kernel.
 
     A record that does not replay on a kernel never fails the build: the next best record is
@@ -94,6 +101,8 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         database: A MetaSchedule database, or None for an untuned build.
         failures_dir: The database's folder, where (kernel, record) pairs that did not replay
             are remembered so later builds skip them; None to remember nothing.
+        default_rules: CPU: the default schedule rules for kernels the database does not
+            schedule (:data:`omnic.compile.rules.cpu.DEFAULT_RULES`; empty for plain loop nests).
 
     Returns:
         A :class:`BuildResult`.
@@ -102,12 +111,16 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         CompileError: TVM failed to build.
     """
     replay: tuple[KernelReplay, ...] = ()
+    defaults: tuple[DefaultOutcome, ...] = ()
     try:
         mod = mod_prepared
         if database is not None:
             mod, replay = _apply_database(mod, spec, target, database, failures_dir)
         if spec.kind == "gpu":
             mod = _default_gpu_schedules(mod, target)
+        else:
+            mod, defaults = apply_default_schedules(mod, target, default_rules)
+            mod = _fold_weight_layouts(mod, target)
         # Folding the layout-rewritten weights leaves each kernel's constants in a tuple that the
         # VM would build and unpack on every call (3 builtin calls per kernel): pass the constants
         # to the kernels directly.
@@ -115,7 +128,7 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         executable = tvm.compile(mod, target, tir_pipeline=pipeline_for(target))
     except Exception as exc:
         raise CompileError(f"building for {spec.name} failed: {describe(exc)}") from exc
-    return BuildResult(executable=executable, module=mod, replay=replay)
+    return BuildResult(executable=executable, module=mod, replay=replay, defaults=defaults)
 
 
 def scheduled_kernels(mod: tvm.IRModule) -> tuple[list[str], list[str]]:

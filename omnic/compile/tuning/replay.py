@@ -33,6 +33,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
+from omnic.compile.rules.cpu.base import PROVENANCE_ATTR
 from omnic.core.errors import describe
 
 #: Side file of (kernel, record) pairs known not to replay, next to the database. Not the tuning
@@ -118,8 +119,9 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.da
                 error = error or describe(exc, ERROR_LIMIT)
                 continue
             # the kernel keeps its own attributes (names, layout-free buffers); it is now scheduled
-            replaced[gv] = tvm.tirx.PrimFunc(tuned.params, tuned.body, tuned.ret_type,
-                                             attrs=func.attrs).with_attr("tirx.is_scheduled", True)
+            provenance = f"tuned:{_trace_key(record)}"
+            replaced[gv] = tvm.tirx.PrimFunc(tuned.params, tuned.body, tuned.ret_type, attrs=func.attrs
+                                             ).with_attr("tirx.is_scheduled", True).with_attr(PROVENANCE_ATTR, provenance)
             outcomes.append(KernelReplay(kernel=gv.name_hint, outcome="tuned", record=rank, records_failed=failed,
                                          records_skipped=skipped, error=error))
             break
