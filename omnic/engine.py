@@ -134,7 +134,7 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         winograd_convs=winograd.count_convs(prepared),
         ops_precision={"float32" if deployment.precision == "fp32" else deployment.precision: "all"},
         prepare_s=round(t_prepare, 3), build_s=round(time.perf_counter() - t1, 3),
-        replay=built.replay, records_failed_to_replay=built.records_failed_to_replay)
+        replay=built.replay, records_failed_to_replay=built.records_failed_to_replay, transfers=built.transfers)
     dm = DeviceModel(executable=executable, deployment=deployment, input_shapes=traced.input_shapes,
                      input_dtypes=traced.input_dtypes, output_is_tuple=traced.output_is_tuple,
                      structural_hash=traced.structural_hash, report=report, module=final_mod)

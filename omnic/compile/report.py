@@ -116,6 +116,9 @@ class CompileReport(_DictView):
         records_failed_to_replay: Records that did not replay on a kernel of this build (a
             record of another epilogue of the same anchor op), tried now or known from an
             earlier build.
+        transfers: What transfer-tuning did, one entry per kernel the database has no record
+            for (:class:`omnic.compile.transfer.KernelTransfer`): ``"transferred"`` with the
+            source workload and record, or why not.
     """
 
     device: str
@@ -135,6 +138,7 @@ class CompileReport(_DictView):
     quantization: QuantReport | None = None
     replay: tuple[Any, ...] = ()
     records_failed_to_replay: int = 0
+    transfers: tuple[Any, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
