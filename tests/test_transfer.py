@@ -237,6 +237,43 @@ def test_measure_choice_keeps_the_faster_kernel(database):
 
     with target:
         out, outcomes = transfer.transfer_schedules(mod, target, database, accept=accept)
+        # both kernels of a decision are really timed (a kernel that cannot be timed is kept untimed)
+        gv = next(gv for gv, _ in out.functions_items() if gv.name_hint == calls[0][0])
+        assert 0 < transfer.kernel_ms(out[gv] if calls[0][1] else mod[gv], target) < 1e3
     assert calls and {o.kernel for o in outcomes if o.outcome in ("transferred", "rejected")} == {k for k, _ in calls}
     for name, keep in calls:
         assert bool(out[name].attrs is not None and out[name].attrs.get("tirx.is_scheduled", False)) == keep
+
+
+# ---------------------------------------------------------------------------------------------
+# real tuning
+
+
+@pytest.mark.slow
+def test_tuned_database_transfers_to_a_wider_network(tmp_path, monkeypatch):
+    """Tune a small network for a few trials, then build a wider one with no tuning of its own:
+    its kernels get transferred schedules, match PyTorch, and beat the build without a database."""
+    monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "tuned"))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    fast = tuning.TuningConfig(trials_per_iter=8, population_size=32, genetic_num_iters=1, number=2,
+                               min_repeat_ms=5, cold_cache_repeats=0, cost_model="random")
+    with tuning.using(fast):
+        engine.compile(make(16), Deployment(device="host", tuning_trials=48), x, progress=False)
+    wide = make(24)
+    dm = engine.compile(wide, Deployment(device="host"), x, progress=False)
+    assert dm.report["max_rel_error"] is not None
+    transferred = [t for t in dm.report["transfers"] if t["outcome"] == "transferred"]
+    assert any("conv2d" in t["kernel"] for t in transferred), dm.report["transfers"]
+    for t in transferred:
+        # (a kernel whose weights are re-laid out at compile time is renamed "<kernel>_prepacked")
+        func = next(f for gv, f in dm.module.functions_items() if gv.name_hint.removesuffix("_prepacked") == t["kernel"])
+        assert str(func.attrs[PROVENANCE_ATTR]).startswith("transferred:")
+    monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "empty"))
+    plain = engine.compile(wide, Deployment(device="host"), x, progress=False)
+    assert not plain.report["transfers"]
+    # fastest of a few interleaved measurements: the machine is shared
+    fastest = {"transferred": math.inf, "plain": math.inf}
+    for _ in range(3):
+        for name, model in (("transferred", dm), ("plain", plain)):
+            fastest[name] = min(fastest[name], min(model.measure().results_ms))
+    assert fastest["transferred"] < fastest["plain"], fastest

@@ -59,20 +59,17 @@ def faster_than_default(gv: tvm.ir.GlobalVar, original: tvm.tirx.PrimFunc, trans
 
 
 def kernel_ms(func: tvm.tirx.PrimFunc, target: tvm.target.Target, *, repeat: int = 5,
-              min_repeat_ms: float = 5.0) -> float:
+              min_repeat_ms: int = 5) -> float:
     """Median milliseconds of one kernel on this machine's CPU, on random inputs (weights already
     in the layout the kernel asks for, as after the build folds their re-layout)."""
     import numpy as np
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
     from omnic.compile.tuning.builders import fast_build
 
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    built = fast_build(mod, target)
+    built = fast_build(mod, target)  # without the weight re-layout block, as MetaSchedule times it
     dev = tvm.cpu(0)
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.uniform(-1, 1, [int(d) for d in info.shape]).astype(str(info.dtype)), dev)
-            for info in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
-    timer = built.time_evaluator(built.entry_name, dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+            for info in ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)]
+    timer = built.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=int(min_repeat_ms))
     return float(sorted(timer(*args).results)[repeat // 2]) * 1e3

@@ -8,7 +8,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
-from tvm.s_tir.schedule import Trace
+from tvm.s_tir.schedule import Instruction, Trace
 
 from omnic.compile.tuning.builders import light_tensor_intrinsics
 
@@ -65,11 +65,20 @@ def strip_postproc(trace: Trace) -> Trace:
     return Trace(insts, decisions)
 
 
-def _refit_provider(sch: Schedule) -> Callable[..., Any]:
+def _refit_provider(sch: Schedule, splits: dict[int, int]) -> Callable[..., Any]:
     """A ``decision_provider`` for ``Trace.apply_to_schedule`` that re-fits every tile decision
-    to the extent of the loop it is applied to in ``sch`` (the live loop, after earlier steps)."""
+    to the extent of the loop it is applied to in ``sch`` (the live loop, after earlier steps),
+    and notes in ``splits`` the extent of each loop split by constant factors (by position of
+    the instruction in the trace)."""
+    position = iter(range(1 << 30))
+
     def provide(inst: Any, inputs: Any, attrs: Any, decision: Any) -> Any:
-        if inst.kind.name != "SamplePerfectTile" or decision is None:
+        at, kind = next(position), inst.kind.name
+        if kind == "Split" and _constant_split(inputs[1:]):
+            extent = getattr(sch.get(inputs[0]).extent, "value", None)
+            if extent is not None:
+                splits[at] = int(extent)
+        if kind != "SamplePerfectTile" or decision is None:
             return decision
         extent = getattr(sch.get(inputs[0]).extent, "value", None)
         if extent is None:
@@ -78,14 +87,43 @@ def _refit_provider(sch: Schedule) -> Callable[..., Any]:
     return provide
 
 
+def _constant_split(factors: Sequence[Any]) -> bool:
+    """``[None, f]``: a loop cut into tiles of a constant ``f`` (what omnic's rules write)."""
+    return len(factors) == 2 and factors[0] is None and isinstance(factors[1], tvm.tirx.IntImm)
+
+
+def _refit_splits(trace: Trace, splits: dict[int, int]) -> Trace | None:
+    """``trace`` with each constant split whose tile does not divide its loop's extent (``splits``,
+    from :func:`_refit_provider`) cut into the nearest tile that does; None when all divide.
+    A tile that does not divide its loop runs predicated, which stops vectorisation."""
+    insts, changed = list(trace.insts), False
+    for at, extent in splits.items():
+        inst = insts[at]
+        tile = int(inst.inputs[2].value)
+        if extent % tile == 0:
+            continue
+        new_tile = _nearest_divisor(extent, tile, extent)
+        insts[at] = Instruction(inst.kind, [inst.inputs[0], None, tvm.tirx.IntImm(str(inst.inputs[2].ty), new_tile)],
+                                inst.attrs, inst.outputs)
+        changed = True
+    if not changed:
+        return None
+    return Trace(insts, {inst: trace.get_decision(inst) for inst in trace.insts
+                         if trace.get_decision(inst) is not None})
+
+
 def apply_refitted(func: tvm.tirx.PrimFunc, trace: Trace, target: tvm.target.Target, *,
                    same_blocks: bool) -> Schedule:
     """``trace`` (postprocessing removed) on ``func`` with re-fitted decisions, then the target's
     postprocessors. Raises on any failure."""
     if same_blocks:
         # the same blocks as the tuned kernel: replay as is, re-fitting against the live loops
-        sch = Schedule(func, error_render_level="detail")
-        trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=_refit_provider(sch))
+        sch, splits = Schedule(func, error_render_level="detail"), {}
+        trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=_refit_provider(sch, splits))
+        refitted = _refit_splits(trace, splits)
+        if refitted is not None:  # tiles of constant size that do not divide their loop here
+            sch = Schedule(func, error_render_level="detail")
+            refitted.apply_to_schedule(sch, remove_postproc=True, decision_provider=_refit_provider(sch, {}))
     else:
         # another epilogue: MetaSchedule's anchor-trace replay (which takes no decision provider).
         # A first pass learns each tiled loop's extent here: TVM repairs a decision that does not
