@@ -109,6 +109,10 @@ def test_refit_keeps_what_fits_and_the_inner_factors_that_divide():
     assert transfer.refit_tile((2, 1, 16, 1), 24, 64) == (2, 1, 12, 1)
     # a larger extent goes to the outermost factor
     assert transfer.refit_tile((2, 1, 16, 1), 64, 64) == (4, 1, 16, 1)
+    # a new innermost factor fills whole vectors: 12 of 16 lanes, not 24 (a vector and a half)
+    assert transfer.refit_tile((1, 1, 1, 32), 24, 64, lanes=16) == (2, 1, 1, 12)
+    assert transfer.refit_tile((1, 1, 1, 32), 96, 64, lanes=16) == (3, 1, 1, 32)  # 32 divides 96: kept
+    assert transfer.refit_tile((1, 1, 1, 32), 48, 64, lanes=16) == (1, 1, 1, 48)  # three vectors
     # the innermost factor respects the sampler's bound
     assert transfer.refit_tile((1, 64), 96, 16) == (6, 16)
     assert transfer.refit_tile((1, 64), 128, 16)[-1] <= 16
@@ -121,7 +125,7 @@ def test_refit_random_decisions():
         decision = tuple(rng.choice((1, 2, 3, 4, 7, 8, 16)) for _ in range(n))
         extent = rng.randint(1, 2000)
         cap = rng.choice((0, 16, 64))
-        fitted = transfer.refit_tile(decision, extent, cap)
+        fitted = transfer.refit_tile(decision, extent, cap, lanes=rng.choice((None, 8, 16)))
         assert math.prod(fitted) == extent
         assert cap == 0 or fitted[-1] <= cap
 

@@ -35,11 +35,13 @@ class Family:
         extents: The anchor block's remaining loop extents, in iterator order: what
             :func:`distance` compares within a family.
         blocks: Names of every block of the kernel (its epilogue included).
+        dtype: The anchor's output dtype.
     """
 
     key: str
     extents: tuple[int, ...]
     blocks: frozenset[str]
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +99,7 @@ def family_of(func: tvm.tirx.PrimFunc) -> Family | None:
              ",".join(f"{b.dtype}/{len(b.shape)}" for b in buffers), ";".join(annotations), "\n".join(body)]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     return Family(key=key, extents=tuple(int(e) for k, e in enumerate(extents) if k not in window),
-                  blocks=block_names(func))
+                  blocks=block_names(func), dtype=str(block.writes[0].source.dtype) if block.writes else "float32")
 
 
 def distance(a: Family, b: Family) -> float:
