@@ -155,6 +155,27 @@ def test_families_match_across_widths_and_keep_ops_apart():
     assert {f.key for f in other.values()} == set(by_key)
 
 
+def test_nearest_prefers_near_sources_that_were_tuned_well():
+    kernel = transfer.Family(key="k", extents=(1, 3, 3, 240, 720), blocks=frozenset({"conv", "add"}))
+
+    def source(name, extents, gflops, blocks=("conv", "add"), key="k"):
+        return transfer.Source(workload=name, family=transfer.Family(key=key, extents=extents, blocks=frozenset(blocks)),
+                               records=(), gflops=gflops)
+
+    index = {"k": (source("a", (1, 3, 3, 320, 960), 36.0), source("b", (1, 3, 3, 160, 576), 96.0),
+                   source("c", (1, 3, 3, 160, 960), 95.0), source("d", (1, 6, 6, 960, 160), 500.0)),
+             "other": (source("e", (1, 3, 3, 240, 720), 99.0, key="other"),)}
+    ranked = [s.workload for _, s in transfer.nearest(kernel, index)]
+    # the three nearest (d is far) ; a, the nearest, was tuned to a third of the others' speed
+    assert ranked == ["b", "c", "a"]
+    assert [round(d, 3) for d, _ in transfer.nearest(kernel, index)] == [0.629, 0.693, 0.575]
+    assert [s.workload for _, s in transfer.nearest(kernel, index, max_distance=0.6)] == ["a"]
+    # equally tuned: nearest first, and the same epilogue first among equals
+    even = {"k": (source("x", (1, 3, 3, 240, 360), 50.0, blocks=("conv",)),
+                  source("y", (1, 3, 3, 240, 360), 50.0), source("z", (1, 3, 3, 240, 180), 50.0))}
+    assert [s.workload for _, s in transfer.nearest(kernel, even)] == ["y", "x", "z"]
+
+
 def test_window_and_stride_are_part_of_the_family():
     class Convs(nn.Module):
         def __init__(self):
