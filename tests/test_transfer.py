@@ -28,8 +28,9 @@ from omnic.core.ir import trace
 class Net(nn.Module):
     """A MobileNet-like block at width ``w``: 3x3 stem, depthwise 3x3, pointwise 1x1, classifier."""
 
-    def __init__(self, w: int = 16):
+    def __init__(self, w: int = 16, pw_relu: bool = True):
         super().__init__()
+        self.pw_relu = pw_relu
         self.stem = nn.Conv2d(3, w, 3, stride=2, padding=1)
         self.dw = nn.Conv2d(w, w, 3, padding=1, groups=w)
         self.pw = nn.Conv2d(w, 2 * w, 1)
@@ -38,13 +39,13 @@ class Net(nn.Module):
     def forward(self, x):
         x = torch.relu(self.stem(x))
         x = torch.clamp(self.dw(x), 0, 6)
-        x = torch.relu(self.pw(x))
+        x = torch.relu(self.pw(x)) if self.pw_relu else self.pw(x)
         return self.fc(x.mean((2, 3)))
 
 
-def make(w: int) -> nn.Module:
+def make(w: int, pw_relu: bool = True) -> nn.Module:
     torch.manual_seed(w)
-    return Net(w).eval()
+    return Net(w, pw_relu).eval()
 
 
 def prepared(model: nn.Module, x: torch.Tensor) -> tuple[tvm.IRModule, tvm.target.Target]:
@@ -222,6 +223,30 @@ def test_transfer_schedules_refits_every_tile_to_the_kernel(database):
         assert all(p in extents for p in products), (name, products, extents)
     # the untransferred kernels are the ones without an anchor op (layout transposes)
     assert all(o.outcome == "no-anchor" for o in outcomes if o.kernel not in done)
+
+
+def tile_products(sch) -> list[int]:
+    return sorted(math.prod(int(f) for f in sch.trace.get_decision(inst))
+                  for inst in sch.trace.insts if inst.kind.name == "SamplePerfectTile")
+
+
+def test_another_epilogue_gets_the_anchor_trace_refitted(database):
+    """A pointwise conv without the ReLU its source had: the trace is applied to the anchor conv
+    (MetaSchedule's anchor-trace replay), its tiles re-fitted to the wider conv."""
+    mod, target = prepared(make(24, pw_relu=False), X)
+    with target:
+        out, outcomes = transfer.transfer_schedules(mod, target, database)
+    (pw,) = [o for o in outcomes if o.kernel.startswith("fused_conv2d2")]
+    assert pw.outcome == "transferred" and "relu" not in pw.kernel, outcomes
+    family = transfer.family_of(mod[pw.kernel])
+    source = next(s for s in transfer.index_database(database)[family.key] if s.workload == pw.source)
+    assert source.family.blocks != family.blocks  # another epilogue: the anchor path
+    sch = transfer.apply_refitted(mod[pw.kernel], transfer.strip_postproc(source.records[pw.record].trace), target,
+                                  same_blocks=False, lanes=16)
+    anchor = tvm.s_tir.analysis.find_anchor_sblock(tvm.IRModule({"main": mod[pw.kernel]}))
+    assert tile_products(sch) == sorted(int(iv.dom.extent) for iv in anchor.iter_vars)
+    dm = engine.compile(make(24, pw_relu=False), Deployment(device="host"), X, database=database)
+    assert dm.report["max_rel_error"] is not None
 
 
 def test_compile_with_transfer_matches_pytorch_and_reports(database):
