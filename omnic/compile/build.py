@@ -4,6 +4,7 @@ Also reads a build back: which kernels carry a schedule, and the device source o
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,7 +13,7 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
-from omnic.compile.rules.cpu import DEFAULT_RULES, DefaultOutcome, apply_default_schedules
+from omnic.compile.rules.cpu import DEFAULT_RULES, PROVENANCE_ATTR, DefaultOutcome, apply_default_schedules
 from omnic.compile.stack_align import pipeline_for
 from omnic.compile.tuning.replay import KernelReplay, apply_database
 from omnic.core.errors import CompileError, describe
@@ -129,6 +130,45 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
     except Exception as exc:
         raise CompileError(f"building for {spec.name} failed: {describe(exc)}") from exc
     return BuildResult(executable=executable, module=mod, replay=replay, defaults=defaults)
+
+
+#: the kinds of schedule a kernel can have, in the order reports list them
+SCHEDULE_KINDS = ("tuned", "transferred", "default", "unscheduled")
+
+
+def kernel_schedules(mod: tvm.IRModule) -> tuple[tuple[str, str], ...]:
+    """``(kernel, provenance)`` for every PrimFunc of a built module, sorted by kernel name.
+
+    Provenance is ``"tuned:<record>"`` (an exact database record), ``"transferred:<workload>:<record>"``
+    (a tuned schedule of a similar workload, re-fitted), ``"default:<rule>"`` (a default rule; GPU
+    kernels scheduled by dlight read ``"default:dlight"``) or ``"unscheduled"`` (a plain loop nest).
+    """
+    out = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        attrs = func.attrs
+        provenance = str(attrs[PROVENANCE_ATTR]) if attrs is not None and PROVENANCE_ATTR in attrs else None
+        if provenance is None:
+            scheduled = bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
+            provenance = "default:dlight" if scheduled else "unscheduled"
+        out.append((gv.name_hint, provenance))
+    return tuple(sorted(out))
+
+
+def schedule_counts(schedules: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """How many kernels have each kind of schedule (:data:`SCHEDULE_KINDS`)."""
+    counts = dict.fromkeys(SCHEDULE_KINDS, 0)
+    for _, provenance in schedules:
+        counts[provenance.split(":", 1)[0]] += 1
+    return counts
+
+
+def build_fingerprint(schedules: Sequence[tuple[str, str]]) -> str:
+    """A short hash of which schedule every kernel got: two builds of one model with equal
+    fingerprints run the same kernels."""
+    text = "\n".join(f"{kernel}={provenance}" for kernel, provenance in schedules)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def scheduled_kernels(mod: tvm.IRModule) -> tuple[list[str], list[str]]:
