@@ -351,7 +351,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConvertConfig = Conve
     inputs = as_input_tuple(example_inputs)
     if not inputs:
         raise SearchError("omnimize needs example_inputs (a tensor shaped like one input batch)")
-    model = copy.deepcopy(model).eval()
+    was_training = model.training
+    model = copy.deepcopy(model).eval()  # eval while shapes are propagated (no BN statistics updates)
     gm = symbolic_trace(model)
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
@@ -368,5 +369,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConvertConfig = Conve
     spatial, inputs, base_res = _resolution_choice(model, inputs, elastic, spatial_full, config, restrictions,
                                                    choices)
     gates = _swap_in(model, elastic, gate_plan)
-    return OmniModel(model, SearchSpace(choices), mode=config.mode, example_inputs=inputs, elastic=elastic,
+    omni = OmniModel(model, SearchSpace(choices), mode=config.mode, example_inputs=inputs, elastic=elastic,
                      gates=gates, spatial=spatial, groups=groups, base_resolution=base_res)
+    # the supernet takes the mode of the model it was made from, and export() keeps it: an eval-mode
+    # model gives eval-mode subnets (left in training mode they would use batch statistics)
+    return omni.train(was_training)

@@ -169,3 +169,20 @@ def test_user_training_loop_updates_supernet_weights(digits):
             break
     assert not torch.equal(before, omni.model.stem[0].weight)
     assert "model.stem.0.weight" in omni.state_dict()
+
+
+def test_supernet_and_export_keep_the_wrapped_models_mode():
+    torch.manual_seed(0)
+    model, x = zoo.get_model("resnet_small", input_shape=(2, 3, 32, 32))
+    model.eval()
+    omni = nas.omnimize(model, example_inputs=x)
+    assert omni.training is False
+    rng = random.Random(1)
+    for _ in range(5):
+        cfg = omni.sample(rng)
+        sub = omni.export(cfg)
+        assert sub.training is False and not any(m.training for m in sub.modules())
+        with torch.no_grad(), omni.active(cfg):
+            assert torch.allclose(sub(x), omni(x), atol=1e-5, rtol=1e-5)
+    train_omni = nas.omnimize(model.train(), example_inputs=x)
+    assert train_omni.training is True and train_omni.export(train_omni.sample(rng)).training is True
