@@ -24,6 +24,7 @@ from omnic.compile.rules.cpu.base import CPURule, num_cores, vector_bits, vector
 CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc")
 #: block annotation the build's SplitLayoutRewritePreproc looks for
 LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"
+_KNOBS: dict = {}  # experiment only
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,10 +49,16 @@ class ConvInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class Tile:
-    """The register tile: ``width`` output pixels of a row by ``channels`` output channels."""
+    """The register tile: ``width`` output pixels of a row by ``blocks`` vectors of ``vector``
+    output channels each."""
 
     width: int
-    channels: int
+    vector: int
+    blocks: int
+
+    @property
+    def channels(self) -> int:
+        return self.vector * self.blocks
 
 
 def _int(expr) -> int | None:
@@ -101,28 +108,26 @@ def _analyse(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, func: tirx.Pri
                     groups=groups, weight_index=weight_index, weight_param=weight_param)
 
 
-def _choose_channels(per_group: int, lanes: int) -> int:
-    """Output channels of the tile: a divisor of the group's channels that fills vectors best.
+def _choose_channels(per_group: int, lanes: int) -> tuple[int, int]:
+    """``(vector, blocks)`` of output channels in the tile, dividing the group's channels.
 
-    Among the divisors that take at most 3 vectors, the one with the best lane use wins (24
-    channels on 16 lanes is a 16- and an 8-lane vector); ties go to two vectors, then more
-    channels.
+    The vector is the widest power of two up to the target's lanes that divides the channels:
+    LLVM splits odd vector lengths into scalar code, so 24 channels on 16 lanes are three 8-lane
+    vectors rather than a 16 and an 8. Several vectors per tile let each input value loaded
+    feed several FMAs; two are preferred, then three, then one (or up to six narrow ones).
     """
-    best, best_key = 1, None
-    for d in range(1, min(per_group, 3 * lanes) + 1):
-        if per_group % d:
-            continue
-        regs = -(-d // lanes)
-        key = (d / (regs * lanes), regs == 2, d)
-        if best_key is None or key > best_key:
-            best, best_key = d, key
-    return best
+    vector = 1
+    while vector * 2 <= lanes and per_group % (vector * 2) == 0:
+        vector *= 2
+    count = per_group // vector
+    prefer = (2, 3, 1) if vector == lanes else (3, 4, 2, 6, 5, 1)
+    blocks = next(b for b in prefer if count % b == 0)
+    return vector, blocks
 
 
-def _choose_width(out_w: int, channels: int, lanes: int, registers: int) -> int:
+def _choose_width(out_w: int, blocks: int, registers: int) -> int:
     """Output pixels of the tile: as many as leave registers for the weights, dividing the row."""
-    regs = -(-channels // lanes)
-    cap = max(1, (registers - regs - 2) // regs)
+    cap = max(1, (registers - blocks - 2) // blocks)
     if out_w <= cap:
         return out_w
     divisors = [d for d in range(cap, 0, -1) if out_w % d == 0]
@@ -136,8 +141,12 @@ def choose_tile(info: ConvInfo, target: tvm.target.Target) -> Tile:
     lanes = vector_lanes(target, "float32")
     # AVX-512 and AArch64 have 32 vector registers, AVX2 and SSE 16
     registers = 32 if vector_bits(target) == 512 or "aarch64" in str(target.attrs.get("mtriple", "")) else 16
-    channels = _choose_channels(info.out_c_per_group, lanes)
-    return Tile(width=_choose_width(info.out_w, channels, lanes, registers), channels=channels)
+    registers = _KNOBS.get("regs", registers)
+    vector, blocks = _choose_channels(info.out_c_per_group, lanes)
+    if "tc" in _KNOBS:
+        blocks = _KNOBS["tc"] // vector
+    width = _KNOBS.get("tw") or _choose_width(info.out_w, blocks, registers)
+    return Tile(width=width, vector=vector, blocks=blocks)
 
 
 def _find_conv(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
@@ -149,6 +158,12 @@ def _find_conv(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
                 return None  # a second reduction: not a plain conv kernel
             found = block
     return found
+
+
+def _is_copy(sch: s_tir.Schedule, block) -> bool:
+    """Whether ``block`` only copies (a padding of zero width): inlining it costs nothing."""
+    stmt = sch.get(block)
+    return isinstance(stmt.body, tirx.BufferStore) and isinstance(stmt.body.value, tvm.ir.TensorLoad)
 
 
 def _is_layout_free(func: tirx.PrimFunc, param: int | None) -> bool:
@@ -198,11 +213,16 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
     consumers = blocks[conv_pos + 1:]
 
     # the padding (or plain copy) of the input
+    pad_mode = _KNOBS.get("pad", "root")
+    pads = []
     for block in reversed(producers):
-        try:
-            sch.compute_inline(block)
-        except ScheduleError:
-            _schedule_injective(sch, block, lanes)
+        if _is_copy(sch, block) or pad_mode == "inline":
+            try:
+                sch.compute_inline(block)
+                continue
+            except ScheduleError:
+                pass
+        pads.append(block)
 
     _pack_weight(sch, conv, info, tile, _is_layout_free(func, info.weight_param))
 
@@ -223,9 +243,20 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
     else:
         fo, fi = sch.split(f, [None, tile.channels])
         outer = [n, fo, h]
-    sch.reorder(*outer, wo, rh, rw, rc, wi, fi)
+    fk, fv = sch.split(fi, [tile.blocks, tile.vector])
+    sch.reorder(*outer, wo, rh, rw, rc, wi, fk, fv)
     par = sch.fuse(*outer)
     sch.parallel(par)
+    for block in pads:
+        if pad_mode == "row":
+            sch.compute_at(block, par, preserve_unit_loops=True)
+            loops = sch.get_loops(block)[1:]
+            inner = _int(sch.get(loops[-1]).extent)
+            if inner is not None and inner % lanes == 0:
+                _, vec = sch.split(loops[-1], [None, lanes])
+                sch.vectorize(vec)
+        else:
+            _schedule_injective(sch, block, lanes)
 
     if not outputs:
         acc = sch.cache_write(conv, 0, "local")
@@ -238,16 +269,18 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
     if fused:
         for block in outputs:
             sch.reverse_compute_at(block, wo, preserve_unit_loops=True)
-            loops = sch.get_loops(block)
-            ep_w, ep_f = loops[-2], loops[-1]
-            sch.vectorize(ep_f)
+            ep_w, ep_f = sch.get_loops(block)[-2:]
+            ep_k, ep_v = sch.split(ep_f, [tile.blocks, tile.vector])
+            sch.vectorize(ep_v)
+            sch.unroll(ep_k)
             sch.unroll(ep_w)
     else:
         for block in outputs:
             _schedule_injective(sch, block, lanes)
 
     sch.unroll(wi)
-    sch.vectorize(fi)
+    sch.unroll(fk)
+    sch.vectorize(fv)
     sch.decompose_reduction(conv, rh)
     return sch
 
