@@ -24,6 +24,8 @@ from omnic.compile.rules.cpu.base import CPURule, num_cores, vector_bits, vector
 CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc")
 #: block annotation the build's SplitLayoutRewritePreproc looks for
 LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"
+#: multiply-adds below which a conv runs on one thread (waking the pool costs microseconds)
+PARALLEL_MIN_MACS = 1 << 16
 _KNOBS: dict = {}  # experiment only
 
 
@@ -45,6 +47,11 @@ class ConvInfo:
     @property
     def out_c_per_group(self) -> int:
         return self.out_c // self.groups
+
+    @property
+    def macs(self) -> int:
+        return (self.batch * self.out_h * self.out_w * self.out_c * self.kernel_h * self.kernel_w
+                * self.in_c_per_group)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,10 +191,10 @@ def _pack_weight(sch: s_tir.Schedule, conv, info: ConvInfo, tile: Tile, constant
         sch.parallel(sch.get_loops(packed)[0])
 
 
-def _schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
+def _schedule_injective(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None:
     """Parallel outer loops, vectorized inner loop (for blocks left outside the tile)."""
     loops = sch.get_loops(block)
-    if len(loops) > 1:
+    if len(loops) > 1 and parallel:
         sch.parallel(sch.fuse(*loops[:-1]))
     inner = sch.get(loops[-1])
     extent = _int(inner.extent)
@@ -213,7 +220,9 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
     consumers = blocks[conv_pos + 1:]
 
     # the padding (or plain copy) of the input
-    pad_mode = _KNOBS.get("pad", "root")
+    # a padded copy of the input costs a pass over it, which a conv with few input channels
+    # does not amortise (and its copy does not vectorise): it reads through the padding instead
+    pad_mode = _KNOBS.get("pad", "inline" if info.in_c_per_group < lanes else "root")
     pads = []
     for block in reversed(producers):
         if _is_copy(sch, block) or pad_mode == "inline":
@@ -245,18 +254,15 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
         outer = [n, fo, h]
     fk, fv = sch.split(fi, [tile.blocks, tile.vector])
     sch.reorder(*outer, wo, rh, rw, rc, wi, fk, fv)
-    par = sch.fuse(*outer)
-    sch.parallel(par)
+    # each task of the parallel loop is one register tile (outermost: the channel blocks, so a
+    # thread keeps to the weights of its blocks); a conv too small to amortise waking the
+    # thread pool runs on one thread
+    par = sch.fuse(*outer, wo)
+    parallel = num_cores(target) > 1 and info.macs >= PARALLEL_MIN_MACS
+    if parallel:
+        sch.parallel(par)
     for block in pads:
-        if pad_mode == "row":
-            sch.compute_at(block, par, preserve_unit_loops=True)
-            loops = sch.get_loops(block)[1:]
-            inner = _int(sch.get(loops[-1]).extent)
-            if inner is not None and inner % lanes == 0:
-                _, vec = sch.split(loops[-1], [None, lanes])
-                sch.vectorize(vec)
-        else:
-            _schedule_injective(sch, block, lanes)
+        _schedule_injective(sch, block, lanes, parallel)
 
     if not outputs:
         acc = sch.cache_write(conv, 0, "local")
@@ -268,7 +274,7 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
             sch.set_scope(conv, 0, "local")
     if fused:
         for block in outputs:
-            sch.reverse_compute_at(block, wo, preserve_unit_loops=True)
+            sch.reverse_compute_at(block, par, preserve_unit_loops=True)
             ep_w, ep_f = sch.get_loops(block)[-2:]
             ep_k, ep_v = sch.split(ep_f, [tile.blocks, tile.vector])
             sch.vectorize(ep_v)
@@ -276,7 +282,7 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
             sch.unroll(ep_w)
     else:
         for block in outputs:
-            _schedule_injective(sch, block, lanes)
+            _schedule_injective(sch, block, lanes, parallel)
 
     sch.unroll(wi)
     sch.unroll(fk)
