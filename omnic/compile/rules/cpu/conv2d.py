@@ -264,23 +264,20 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
     for block in pads:
         _schedule_injective(sch, block, lanes, parallel)
 
-    if not outputs:
-        acc = sch.cache_write(conv, 0, "local")
-        outputs = [acc]
-        fused = True
+    def at_tile(block) -> None:
+        sch.reverse_compute_at(block, par, preserve_unit_loops=True)
+        ep_w, ep_f = sch.get_loops(block)[-2:]
+        ep_k, ep_v = sch.split(ep_f, [tile.blocks, tile.vector])
+        sch.vectorize(ep_v)
+        sch.unroll(ep_k)
+        sch.unroll(ep_w)
+
+    if outputs and fuse_epilogue and len(outputs) == 1:
+        # the accumulator lives in registers; the epilogue reads it there
+        sch.set_scope(conv, 0, "local")
+        at_tile(outputs[0])
     else:
-        fused = fuse_epilogue and len(outputs) == 1
-        if fused:
-            sch.set_scope(conv, 0, "local")
-    if fused:
-        for block in outputs:
-            sch.reverse_compute_at(block, par, preserve_unit_loops=True)
-            ep_w, ep_f = sch.get_loops(block)[-2:]
-            ep_k, ep_v = sch.split(ep_f, [tile.blocks, tile.vector])
-            sch.vectorize(ep_v)
-            sch.unroll(ep_k)
-            sch.unroll(ep_w)
-    else:
+        at_tile(sch.cache_write(conv, 0, "local"))
         for block in outputs:
             _schedule_injective(sch, block, lanes, parallel)
 
