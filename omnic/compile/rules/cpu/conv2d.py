@@ -254,10 +254,11 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
         outer = [n, fo, h]
     fk, fv = sch.split(fi, [tile.blocks, tile.vector])
     sch.reorder(*outer, wo, rh, rw, rc, wi, fk, fv)
-    # each task of the parallel loop is one register tile (outermost: the channel blocks, so a
-    # thread keeps to the weights of its blocks); a conv too small to amortise waking the
-    # thread pool runs on one thread
-    par = sch.fuse(*outer, wo)
+    # each task of the parallel loop is one row of register tiles (outermost: the channel blocks,
+    # so a thread keeps to the weights of its blocks; the tiles of a row stay a loop of their own,
+    # which lets LLVM hoist the padding checks of a conv that reads through its padding); a conv
+    # too small to amortise waking the thread pool runs on one thread
+    par = sch.fuse(*outer)
     parallel = num_cores(target) > 1 and info.macs >= PARALLEL_MIN_MACS
     if parallel:
         sch.parallel(par)
@@ -265,7 +266,7 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
         _schedule_injective(sch, block, lanes, parallel)
 
     def at_tile(block) -> None:
-        sch.reverse_compute_at(block, par, preserve_unit_loops=True)
+        sch.reverse_compute_at(block, wo, preserve_unit_loops=True)
         ep_w, ep_f = sch.get_loops(block)[-2:]
         ep_k, ep_v = sch.split(ep_f, [tile.blocks, tile.vector])
         sch.vectorize(ep_v)
