@@ -2,7 +2,7 @@
 
 The classic direct convolution: the weight is re-laid out so that a block of output channels is
 innermost (``[O/t, KH, KW, I, t]``), each task of the parallel loop computes a register tile of
-(a few output pixels of one row) x (one to three vectors of output channels) held in a local
+(a few output pixels of one row) x (a few vectors of output channels) held in a local
 accumulator, the reduction over (kh, kw, ci) runs outside that tile with the pixel loop unrolled
 and the channel loop vectorized, and the fused epilogue (bias, activation, residual add...) is
 applied to the tile while it is still in registers.
@@ -26,7 +26,6 @@ CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc")
 LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"
 #: multiply-adds below which a conv runs on one thread (waking the pool costs microseconds)
 PARALLEL_MIN_MACS = 1 << 16
-_KNOBS: dict = {}  # experiment only
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,12 +147,8 @@ def choose_tile(info: ConvInfo, target: tvm.target.Target) -> Tile:
     lanes = vector_lanes(target, "float32")
     # AVX-512 and AArch64 have 32 vector registers, AVX2 and SSE 16
     registers = 32 if vector_bits(target) == 512 or "aarch64" in str(target.attrs.get("mtriple", "")) else 16
-    registers = _KNOBS.get("regs", registers)
     vector, blocks = _choose_channels(info.out_c_per_group, lanes)
-    if "tc" in _KNOBS:
-        blocks = _KNOBS["tc"] // vector
-    width = _KNOBS.get("tw") or _choose_width(info.out_w, blocks, registers)
-    return Tile(width=width, vector=vector, blocks=blocks)
+    return Tile(width=_choose_width(info.out_w, blocks, registers), vector=vector, blocks=blocks)
 
 
 def _find_conv(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
@@ -219,13 +214,13 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
     producers = blocks[:conv_pos]
     consumers = blocks[conv_pos + 1:]
 
-    # the padding (or plain copy) of the input
-    # a padded copy of the input costs a pass over it, which a conv with few input channels
-    # does not amortise (and its copy does not vectorise): it reads through the padding instead
-    pad_mode = _KNOBS.get("pad", "inline" if info.in_c_per_group < lanes else "root")
+    # the padding of the input is materialised once, outside the tiles (read through, it costs
+    # a bounds check per load and LLVM then keeps the accumulators in memory), except for convs
+    # with few input channels, which do not amortise that pass over the input (nor vectorise it)
+    read_through = info.in_c_per_group < lanes
     pads = []
     for block in reversed(producers):
-        if _is_copy(sch, block) or pad_mode == "inline":
+        if read_through or _is_copy(sch, block):
             try:
                 sch.compute_inline(block)
                 continue
