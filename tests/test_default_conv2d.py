@@ -55,6 +55,9 @@ MODELS = {
                        nn.Conv2d(16, 72, 1)]), (1, 8, 13, 13), 2, 1),
 }
 
+#: models whose convs all have multiples of 16 output channels
+FULL_WIDTH = {"batch 2, residual ReLU6, stride 2"}
+
 
 def _kernels(dm):
     import tvm
@@ -82,7 +85,8 @@ def test_untuned_convs_match_pytorch_and_come_from_the_rule(name):
 
     bits = vector_bits(tvm_target(dm.deployment.spec, 2))
     if platform.machine() in ("x86_64", "AMD64") and bits >= 256:
-        register = "zmm" if bits == 512 else "ymm"
+        # channels that are multiples of 16 fill AVX-512's zmm; 24 or 40 take 8-lane ymm vectors
+        register = "zmm" if bits == 512 and name in FULL_WIDTH else "[yz]mm"
         assert re.search(rf"vfmadd\w*ps\s+%{register}", dm.executable.mod.imports[0].inspect_source("asm"))
 
 
