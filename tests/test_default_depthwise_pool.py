@@ -5,9 +5,8 @@ refuses outputs that do not) and their kernels come from the rules; the schedule
 register-tiled, vectorized ones the rules exist for; an aarch64 target builds them."""
 from __future__ import annotations
 
-import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from omnic import engine
 
@@ -21,7 +20,7 @@ class DepthwiseConvs(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.to24, self.to100 = nn.Conv2d(3, 24, 1), nn.Conv2d(3, 100, 1)
+        self.to24, self.to100, self.to17 = nn.Conv2d(3, 24, 1), nn.Conv2d(3, 100, 1), nn.Conv2d(3, 17, 1)
         self.c3 = nn.Conv2d(3, 3, 3, padding=1, groups=3)
         self.c3x2 = nn.Conv2d(3, 6, 5, stride=2, padding=2, groups=3)  # channel multiplier 2
         self.c24_7 = nn.Conv2d(24, 24, 7, padding=3, groups=24)
@@ -29,13 +28,14 @@ class DepthwiseConvs(nn.Module):
         self.c24_rect = nn.Conv2d(24, 24, (3, 5), stride=(1, 2), padding=(0, 1), groups=24)
         self.c100_5 = nn.Conv2d(100, 100, 5, padding=2, groups=100)
         self.c100_s2 = nn.Conv2d(100, 100, 3, stride=2, groups=100)
+        self.c17 = nn.Conv2d(17, 17, 3, padding=2, dilation=2, groups=17)  # one vector and a predicated one
 
     def forward(self, x):
         x24, x100 = self.to24(x), self.to100(x)
         outs = [nn.functional.relu6(self.c3(x)), nn.functional.hardswish(self.c3x2(x)),
                 self.c24_7(x24) + x24,  # a residual epilogue
                 nn.functional.hardswish(self.c24_s2(x24)), torch.relu(self.c24_rect(x24)),
-                nn.functional.relu6(self.c100_5(x100)), self.c100_s2(x100)]
+                nn.functional.relu6(self.c100_5(x100)), self.c100_s2(x100), self.c17(self.to17(x))]
         return torch.cat([o.flatten(1) for o in outs], 1)
 
 
@@ -86,7 +86,7 @@ def _depthwise_kernels(dm) -> dict[str, str | None]:
 def test_depthwise_convs_of_odd_shapes_build_from_the_rule_and_match_torch():
     dm = engine.compile(DepthwiseConvs().eval(), "host", torch.randn(1, 3, 11, 10))  # refuses a wrong output
     kernels = _depthwise_kernels(dm)
-    assert len(kernels) == 7, kernels
+    assert len(kernels) == 8, kernels
     assert set(kernels.values()) == {DEPTHWISE}, kernels
 
 

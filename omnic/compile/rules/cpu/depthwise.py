@@ -60,17 +60,16 @@ def channel_lanes(channels: int, lanes: int) -> int:
         if channels % width == 0:
             return width
         width //= 2
-    return channels if channels <= lanes else lanes
+    return min(channels, lanes)
 
 
-def width_tile(width: int, lanes: int, target_lanes: int) -> int:
-    """Output pixels per register tile: the largest divisor of ``width`` the accumulator budget
-    allows, or (when that is under half the budget) the budget's even share of ``width`` with a
-    predicated last tile."""
-    registers = max(1, lanes // target_lanes) if lanes > target_lanes else 1
-    budget = max(1, ACCUMULATOR_REGISTERS // registers)
-    best = max(d for d in range(1, min(budget, width) + 1) if width % d == 0)
-    if best * 2 >= min(budget, width):
+def width_tile(width: int) -> int:
+    """Output pixels per register tile along an output row of ``width``: its largest divisor
+    within the accumulator budget, or, when that divisor is under half the budget (a prime
+    width), the budget's even share of the row with a predicated last tile."""
+    budget = min(ACCUMULATOR_REGISTERS, width)
+    best = max(d for d in range(1, budget + 1) if width % d == 0)
+    if best * 2 >= budget:
         return best
     tiles = -(-width // budget)
     return -(-width // tiles)
@@ -79,14 +78,13 @@ def width_tile(width: int, lanes: int, target_lanes: int) -> int:
 def choose_tiling(rows: int, width: int, channels: int, target: tvm.target.Target) -> DepthwiseTiling:
     """The tiling of a depthwise conv with ``rows`` output rows (batch x height) of ``width``
     pixels and ``channels`` output channels, for ``target``."""
-    target_lanes = vector_lanes(target, "float32")
-    lanes = channel_lanes(channels, target_lanes)
+    lanes = channel_lanes(channels, vector_lanes(target, "float32"))
     blocks = -(-channels // lanes)
     wanted = TASKS_PER_CORE * num_cores(target)
     chunks = 1
     if rows < wanted:
         chunks = next((d for d in range(1, blocks + 1) if blocks % d == 0 and rows * d >= wanted), blocks)
-    return DepthwiseTiling(lanes=lanes, width_tile=width_tile(width, lanes, target_lanes), channel_chunks=chunks)
+    return DepthwiseTiling(lanes=lanes, width_tile=width_tile(width), channel_chunks=chunks)
 
 
 def root_blocks(sch: s_tir.Schedule) -> list[SBlockRV]:

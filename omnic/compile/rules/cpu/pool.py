@@ -3,8 +3,10 @@
 TOPI's pools carry a ``schedule_rule`` annotation (``meta_schedule.pool_max``, ``pool_avg``,
 ``adaptive_pool_avg``...); global average pooling reaches the kernels as a ``mean`` over the
 spatial axes of an NHWC tensor (omnic's frontend lowers ``AdaptiveAvgPool2d(1)`` so, and
-``x.mean((2, 3))`` after an NHWC conv becomes the same). This rule schedules both; any other
-reduction (over the innermost axis: softmax, layer norm, a row mean) is left to the next rule.
+``x.mean((2, 3))`` after an NHWC conv becomes the same). This rule schedules both: the annotated
+blocks, and a single reduction over the middle axes of a rank-4 tensor that keeps its innermost
+axis. A reduction over the innermost axis (softmax, layer norm, an NCHW mean over H and W) is a
+row reduction, left to the next rule.
 
 The window reduction runs in vector registers over the output's innermost axis (channels in
 NHWC): padding read in place, a small window unrolled over a register tile of a few output
@@ -22,8 +24,8 @@ from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from omnic.compile.rules.cpu.base import CPURule, vector_lanes
-from omnic.compile.rules.cpu.depthwise import (channel_lanes, fuse_epilogue, position, root_blocks,
-                                               vectorize_tile, width_tile)
+from omnic.compile.rules.cpu.depthwise import (channel_lanes, fuse_epilogue, position, root_blocks, vectorize_tile,
+                                               width_tile)
 from omnic.compile.rules.marking import POOL_RULES
 from omnic.compile.rules.utils import REDUCTION, SPATIAL, extent, iter_kinds
 
@@ -31,7 +33,7 @@ from omnic.compile.rules.utils import REDUCTION, SPATIAL, extent, iter_kinds
 MAX_UNROLLED_WINDOW = 64
 #: output elements x window elements below which a pool runs on one thread (the thread pool's
 #: wake-up costs more than the work it would share)
-MIN_PARALLEL_WORK = 1 << 15
+MIN_PARALLEL_WORK = 1 << 18
 #: channel vectors per register tile of a large-window (global) pool
 GLOBAL_TILE_VECTORS = 4
 
@@ -175,7 +177,7 @@ class Pool(CPURule):
         if small and wide:
             # a tile of output pixels along the next-inner axis (W in NHWC)
             row = wide[-1]
-            row_outer, tile = sch.split(row, [None, width_tile(extent(sch, row), lanes, target_lanes)])
+            row_outer, tile = sch.split(row, [None, width_tile(extent(sch, row))])
             outer = [lp if not lp.same_as(row) else row_outer for lp in others]
             block_outer, lane = sch.split(channel, [None, lanes])
             sch.reorder(*outer, block_outer, *window, tile, lane)
