@@ -1,0 +1,508 @@
+"""Default CPU schedule of reductions: softmax, log-softmax, layer norm, mean / sum / max over any axes.
+
+A kernel here is a few blocks, at least one of them a reduction, the rest elementwise or
+broadcasting around them (``max -> exp -> sum -> divide``, ``sum -> mean -> var -> normalize``,
+``sum -> divide -> add``). Two schedules, picked by where the reduced axes lie in memory:
+
+- **rows** (the reduced axes are the innermost of the data, e.g. softmax over the last axis, layer
+  norm, ``x.mean(-1)``): every block moves under one parallel loop over the rows, so a row is
+  read while in cache; each reduction is split into vector-wide partial results (``rfactor``)
+  that are combined at the end of the row, and the elementwise blocks are vectorized.
+- **columns** (a reduced axis is outside a kept one, e.g. NHWC global average pooling,
+  ``x.mean(1)`` of ``(B, N, C)``, softmax over NCHW channels): each block on its own, the
+  contiguous kept axis split into vectors and innermost, the reduced loops around it and the
+  accumulators in registers, the other kept axes in parallel.
+
+``exp`` inside these kernels is computed by TVM's vectorizable polynomial (``topi.fast_exp``'s
+formula) instead of a libm call per element, which LLVM cannot vectorize.
+
+Pooling blocks (a ``schedule_rule`` annotation) and matmul-like reductions (two operands varying
+along the reduced axis) are left to their own rules.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.ir.expr import TensorLoad
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+from omnic.compile.rules.cpu.base import CPURule, num_cores, vector_lanes
+
+#: run a kernel's outer loop in parallel only when it touches at least this many elements (the
+#: fork/join of the thread pool costs microseconds)
+PARALLEL_MIN_ELEMENTS = 8192
+#: split a reduction into vector-wide partial results when it is at least this many vectors long
+RFACTOR_MIN_VECTORS = 2
+#: TVM allocates a constant-size scratch buffer on the stack only below this many bytes (else
+#: from the workspace pool, a call each time); a "local" buffer always goes to the pool, so
+#: every intermediate here stays in "global" scope
+STACK_BYTES = 1024
+#: vectorize a contiguous loop whole (a wide vector LLVM splits) up to this many vectors
+WHOLE_VECTOR_MAX = 4
+
+
+def _var_positions(indices, iter_vars) -> list[int | None]:
+    """For each index, the position of the block iterator it is (None for anything else)."""
+    out = []
+    for idx in indices:
+        out.append(next((i for i, iv in enumerate(iter_vars) if iv.var.same_as(idx)), None))
+    return out
+
+
+def _varying_reads(block: s_tir.SBlock, red_pos: set[int]) -> list:
+    """The read regions of ``block`` whose indices use a reduction iterator."""
+    red_vars = [block.iter_vars[i].var for i in red_pos]
+    out = []
+    for region in block.reads:
+        used = False
+        for rng in region.region:
+            text = str(rng.min)
+            if any(v.name in text for v in red_vars):  # cheap and conservative
+                used = True
+        if used:
+            out.append(region)
+    return out
+
+
+def _kinds(block: s_tir.SBlock) -> list[int]:
+    return [int(iv.iter_type) for iv in block.iter_vars]
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    value = sch.get(loop).extent
+    return int(value) if isinstance(value, tirx.IntImm) or hasattr(value, "value") else None
+
+
+def _is_inner(block: s_tir.SBlock) -> bool | None:
+    """Whether the block reduces along the innermost dimension of the data it reads (None: not
+    a reduction this rule schedules: several operands vary with the reduced axes, or indices
+    are not plain iterators)."""
+    kinds = _kinds(block)
+    red = {i for i, k in enumerate(kinds) if k == 2}
+    reads = _varying_reads(block, red)
+    if len(reads) != 1:
+        return None
+    region = reads[0].region
+    last = _var_positions([region[-1].min], block.iter_vars)[0]
+    if last is None:
+        return None
+    return last in red
+
+
+def _elements(func: tirx.PrimFunc) -> int:
+    total = 0
+    for param in func.params:
+        n = 1
+        for dim in getattr(param, "shape", ()):
+            n *= int(dim) if isinstance(dim, tirx.IntImm) or hasattr(dim, "value") else 1
+        total = max(total, n)
+    return total
+
+
+class ReductionRule(CPURule):
+    """Row-parallel, vectorized schedules of softmax / normalization / reduction kernels."""
+
+    name = "reduction"
+
+    def schedule(self, func: tirx.PrimFunc, target: tvm.target.Target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        blocks = [sch.get(info.block_rv) for info in infos]
+        if any("schedule_rule" in b.annotations for b in blocks):
+            return None
+        if any(k not in (0, 2) for b in blocks for k in _kinds(b)):
+            return None
+        reductions = [b for b in blocks if 2 in _kinds(b)]
+        if not reductions:
+            return None
+        inner = [_is_inner(b) for b in reductions]
+        if any(i is None for i in inner):
+            return None
+        if any(str(b.writes[0].source.dtype) not in ("float32", "float16") for b in blocks if b.writes):
+            return None
+        _fast_exp_all(sch)
+        _inline_single_use(sch)
+        parallel = num_cores(target) > 1 and _elements(func) >= PARALLEL_MIN_ELEMENTS
+        lanes = vector_lanes(target, "float32")
+        if all(inner):
+            rows = sch.copy()
+            try:
+                if _schedule_rows(rows, lanes, parallel):
+                    return rows
+            except Exception as exc:  # noqa: BLE001 - a shape the row schedule does not fit: per block
+                import os, traceback
+                if os.environ.get("OMNIC_DEBUG_RULES"):
+                    traceback.print_exc()
+        _schedule_blocks(sch, lanes, parallel)
+        return sch
+
+
+# ----------------------------------------------------------------------------- helpers
+def _root_blocks(sch: s_tir.Schedule) -> list:
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    return list(sch.get_child_blocks(root))
+
+
+def _output_buffers(sch: s_tir.Schedule) -> list:
+    return list(sch.mod["main"].params)
+
+
+def _writes_output(sch: s_tir.Schedule, block) -> bool:
+    params = _output_buffers(sch)
+    return any(p.same_as(w.source) for w in sch.get(block).writes for p in params)
+
+
+def _inline_single_use(sch: s_tir.Schedule) -> None:
+    """Inline each elementwise block that feeds exactly one block: nothing is computed twice and
+    one pass over memory goes."""
+    changed = True
+    while changed:
+        changed = False
+        for block in _root_blocks(sch):
+            stmt = sch.get(block)
+            if 2 in _kinds(stmt) or _writes_output(sch, block):
+                continue
+            if len(sch.get_consumers(block)) != 1:
+                continue
+            try:
+                sch.compute_inline(block)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 - not inlinable (e.g. a non-trivial layout): keep it
+                continue
+    # an elementwise tail (a broadcast_to or reshape after the last step) into its producer
+    blocks = _root_blocks(sch)
+    last = blocks[-1]
+    if 2 not in _kinds(sch.get(last)) and len(blocks) > 1:
+        producers = sch.get_producers(last)
+        if len(producers) == 1 and 2 not in _kinds(sch.get(producers[0])):
+            try:
+                sch.reverse_compute_inline(last)
+            except Exception:  # noqa: BLE001 - keep the tail as its own loop
+                pass
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Vectorize the block's innermost loop (split into vectors when long)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
+    n = _extent(sch, inner)
+    if n is None or n < 2:
+        return
+    if n % lanes == 0 and n > lanes:
+        _, inner = sch.split(inner, [None, lanes])
+    elif n > WHOLE_VECTOR_MAX * lanes:
+        return  # a long odd loop: LLVM's own loop vectorizer gets it as a plain loop
+    sch.vectorize(inner)
+
+
+def _rfactor(sch: s_tir.Schedule, block, lanes: int):
+    """Split ``block``'s (fused) innermost reduction into ``lanes`` partial results.
+
+    Returns ``(rf_block, final_block)`` or None when the reduction is too short to gain.
+    """
+    loops = sch.get_loops(block)
+    kinds = _kinds(sch.get(block))
+    red_loops = loops[len(loops) - sum(1 for k in kinds if k == 2):]
+    total = 1
+    for lp in red_loops:
+        n = _extent(sch, lp)
+        if n is None:
+            return None
+        total *= n
+    if total < RFACTOR_MIN_VECTORS * lanes:
+        return None
+    red = sch.fuse(*red_loops) if len(red_loops) > 1 else red_loops[0]
+    _, ki = sch.split(red, [None, lanes])
+    rf = sch.rfactor(ki, len(sch.get(block).writes[0].region))
+    return rf, block, (0 if total % lanes == 0 else total)
+
+
+# ----------------------------------------------------------------------------- rows
+def _leading_spatial(kinds: list[int]) -> int:
+    n = 0
+    for k in kinds:
+        if k != 0:
+            break
+        n += 1
+    return n
+
+
+def _schedule_rows(sch: s_tir.Schedule, lanes: int, parallel: bool) -> bool:
+    blocks = _root_blocks(sch)
+    lead = min(_leading_spatial(_kinds(sch.get(b))) for b in blocks)
+    if lead < 1 or 2 in _kinds(sch.get(blocks[-1])):
+        return False
+    # the partial sums first: rfactor needs the reduction's own loop nest
+    rf_names, final_names = {}, set()
+    for block in blocks:
+        if 2 in _kinds(sch.get(block)):
+            pair = _rfactor(sch, block, lanes)
+            if pair is not None:
+                rf_names[sch.get(pair[0]).name_hint] = pair[2]
+                final_names.add(sch.get(pair[1]).name_hint)
+    blocks = _root_blocks(sch)
+    # a row-sized intermediate (softmax's exp) too big for the stack is recomputed where it is
+    # used instead: a workspace allocation per row costs more than the recomputation
+    for block in blocks[:-1]:
+        if 2 not in _kinds(sch.get(block)) and _row_bytes(sch, block, lead) >= STACK_BYTES:
+            sch.compute_inline(block)
+    blocks = _root_blocks(sch)
+    loops = sch.get_loops(blocks[-1])
+    row = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+    for block in reversed(blocks[:-1]):
+        sch.compute_at(block, row, preserve_unit_loops=False)
+    if parallel and (_extent(sch, row) or 0) > 1:
+        sch.parallel(row)
+    tails = []
+    for block in _root_blocks_under(sch, row):
+        name = sch.get(block).name_hint
+        if name in rf_names:
+            tails.append(_vectorize_rf(sch, block, lanes, rf_names[name]))
+        elif name in final_names:  # the vector of partial results: a short unrolled loop
+            inner = sch.get_loops(block)
+            sch.unroll(inner[-1])
+        elif 2 in _kinds(sch.get(block)):
+            pass  # too short to split: LLVM unrolls it
+        else:
+            _vectorize_inner(sch, block, lanes)
+    for split_tail in tails:
+        if split_tail is not None:
+            split_tail()
+    return True
+
+
+def _row_bytes(sch: s_tir.Schedule, block, lead: int) -> int:
+    """Bytes of the block's output per row (its dimensions after the ``lead`` row dimensions)."""
+    buf = sch.get(block).writes[0].source
+    n = 1
+    for dim in list(buf.shape)[lead:]:
+        n *= int(dim)
+    return n * tvm.runtime.DataType(str(buf.dtype)).bits // 8
+
+
+def _vectorize_rf(sch: s_tir.Schedule, rf, lanes: int, total: int):
+    """The partial-result block of an rfactor: its vector axis innermost and vectorized.
+
+    rfactor makes the vector axis the block's first iterator, so the loops compute_at creates
+    run it outside the reduction; put it inside. ``total``: the reduced length when it is not a
+    whole number of vectors (0 otherwise), whose bound compute_at drops and this restores.
+
+    Returns a callable that splits off the last, partial vector of such a reduction (so the
+    whole vectors run unpredicated); call it once no other block needs scheduling, since the
+    split wraps the loop in blocks of its own. None when there is nothing to split.
+    """
+    kinds = _kinds(sch.get(rf))
+    values = _binding(sch, rf)
+    loops = sch.get_loops(rf)
+
+    def loop_of(value):
+        return next(lp for lp in loops if sch.get(lp).loop_var.same_as(value))
+
+    vec = loop_of(values[0])  # the rfactor axis
+    red = loop_of(values[kinds.index(2)])
+    if total:
+        _restore_bound(sch, rf, values[kinds.index(2)] * lanes + values[0] < total)
+    sch.reorder(red, vec)
+    sch.vectorize(vec)
+    sch.decompose_reduction(rf, red)
+    whole = total // lanes
+    if not total or not whole:
+        return None
+    return lambda: sch.loop_partition(red, [whole, None])
+
+
+def _restore_bound(sch: s_tir.Schedule, block, bound) -> None:
+    """AND ``bound`` into the predicate of ``block``'s realize.
+
+    compute_at regenerates an rfactor block's loops over its whole iteration domain and loses the
+    predicate of a split that does not divide the reduction (the last vector would read past
+    the row); TVM 0.27 has no primitive to put it back, so the realize is rebuilt.
+    """
+    loop = sch.get_loops(block)[-1]
+    stmt = sch.get(loop)
+    realize = stmt.body
+    if not isinstance(realize, s_tir.SBlockRealize) or not realize.block.same_as(sch.get(block)):
+        raise ValueError("the rfactor block is not alone in its innermost loop")
+    predicate = tirx.op.all(realize.predicate, bound) if not _is_true(realize.predicate) else bound
+    new_realize = s_tir.SBlockRealize(realize.iter_values, predicate, realize.block)
+    new_loop = tirx.stmt.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, new_realize,
+                             stmt.thread_binding, stmt.annotations, stmt.step)
+    sch.state.replace(sch.get_sref(loop), new_loop, {realize.block: realize.block})
+
+
+def _is_true(expr) -> bool:
+    return hasattr(expr, "value") and bool(expr.value)
+
+
+def _binding(sch: s_tir.Schedule, block) -> list:
+    """The block's iterator values (its innermost loop's body is the block)."""
+    loops = sch.get_loops(block)
+    stmt = sch.get(loops[-1]).body
+    name = sch.get(block).name_hint
+    while not isinstance(stmt, s_tir.SBlockRealize) or stmt.block.name_hint != name:
+        stmt = stmt.body if not isinstance(stmt, tvm.tirx.stmt.SeqStmt) else next(
+            x for x in stmt.seq if name in x.script())
+    return list(stmt.iter_values)
+
+
+def _root_blocks_under(sch: s_tir.Schedule, loop) -> list:
+    return list(sch.get_child_blocks(loop))
+
+
+def _all_blocks(sch: s_tir.Schedule) -> list:
+    out = []
+
+    def visit(block):
+        for child in sch.get_child_blocks(block):
+            out.append(child)
+            visit(child)
+
+    visit(sch.get_sblock(sch.mod["main"].body.block.name_hint))
+    return out
+
+
+# ----------------------------------------------------------------------------- columns
+def _schedule_blocks(sch: s_tir.Schedule, lanes: int, parallel: bool) -> None:
+    for block in _root_blocks(sch):
+        stmt = sch.get(block)
+        if 2 in _kinds(stmt):
+            if _is_inner(stmt):
+                _one_row_reduction(sch, block, lanes, parallel)
+            else:
+                _column_reduction(sch, block, lanes, parallel)
+        else:
+            _elementwise(sch, block, lanes, parallel)
+
+
+def _parallel_outer(sch: s_tir.Schedule, loops: list, parallel: bool):
+    if not loops:
+        return None
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if parallel and (_extent(sch, fused) or 0) > 1:
+        sch.parallel(fused)
+    return fused
+
+
+def _elementwise(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        _parallel_outer(sch, loops[:-1], parallel)
+    _vectorize_inner(sch, block, lanes)
+
+
+def _one_row_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None:
+    pair = _rfactor(sch, block, lanes)
+    if pair is None:
+        loops = sch.get_loops(block)
+        spatial = loops[:len(loops) - sum(1 for k in _kinds(sch.get(block)) if k == 2)]
+        _parallel_outer(sch, spatial, parallel)
+        return
+    rf, final, total = pair
+    loops = sch.get_loops(final)
+    n_spatial = sum(1 for k in _kinds(sch.get(final)) if k == 0)
+    row = _parallel_outer(sch, loops[:n_spatial], parallel)
+    if row is not None:
+        sch.compute_at(rf, row, preserve_unit_loops=False)
+    split_tail = _vectorize_rf(sch, rf, lanes, total)
+    if split_tail is not None:
+        split_tail()
+
+
+def _column_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None:
+    """Reduce over outer axes with the contiguous kept axis in vectors, innermost."""
+    stmt = sch.get(block)
+    kinds = _kinds(stmt)
+    loops = sch.get_loops(block)
+    red = {i for i, k in enumerate(kinds) if k == 2}
+    region = _varying_reads(stmt, red)[0].region
+    vec_at = _var_positions([region[-1].min], stmt.iter_vars)[0]
+    spatial = [lp for lp, k in zip(loops, kinds) if k == 0]
+    reduce_loops = [lp for lp, k in zip(loops, kinds) if k == 2]
+    vec_loop = loops[vec_at]
+    n = _extent(sch, vec_loop) or 1
+    if n % lanes == 0 and n > lanes:
+        vo, vi = sch.split(vec_loop, [None, lanes])
+        outer = [lp for lp in spatial if lp != vec_loop] + [vo]
+    else:
+        vi = vec_loop
+        outer = [lp for lp in spatial if lp != vec_loop]
+    sch.reorder(*outer, *reduce_loops, vi)
+    # accumulate a vector of the kept axis in registers over all reduced elements
+    acc = sch.cache_write(block, 0, "global")
+    fused = _parallel_outer(sch, outer, parallel)
+    if fused is not None:
+        sch.reverse_compute_at(acc, fused, preserve_unit_loops=True)
+        _vectorize_inner(sch, acc, lanes)
+    if n <= WHOLE_VECTOR_MAX * lanes or n % lanes == 0:
+        sch.vectorize(vi)
+    sch.decompose_reduction(block, reduce_loops[0])
+
+
+# ----------------------------------------------------------------------------- exp
+def _fast_exp_all(sch: s_tir.Schedule) -> None:
+    """Compute fp32 ``exp`` of every block with a vectorizable polynomial (see module doc)."""
+    for block in _root_blocks(sch):
+        stmt = sch.get(block)
+        body = stmt.body
+        if not isinstance(body, tirx.BufferStore) or "T.exp(" not in body.value.script():
+            continue
+        new_value = _rewrite_exp(body.value)
+        if new_value is None:
+            continue
+        new_body = tirx.BufferStore(body.buffer, new_value, body.indices)
+        new_block = s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, new_body,
+                                 stmt.init, stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+        sch.state.replace(sch.get_sref(block), new_block, {stmt: new_block})
+
+
+_BINARY = ("Add", "Sub", "Mul", "Div", "Max", "Min")
+
+
+def _rewrite_exp(expr):
+    """``expr`` with every fp32 ``exp(x)`` replaced by :func:`fast_exp` (None if it has a node
+    this rewriter does not rebuild)."""
+    import tvm.ir.prim.expr as E  # noqa: PLC0415 - the node classes, only needed here (not lazy: tvm is loaded)
+
+    if isinstance(expr, tvm.ir.expr.Call):
+        if expr.op.same_as(tvm.ir.Op.get("tirx.exp")) and str(expr.ty.dtype) == "float32":
+            arg = _rewrite_exp(expr.args[0])
+            return None if arg is None else fast_exp(arg)
+        args = [_rewrite_exp(a) for a in expr.args]
+        if any(a is None for a in args):
+            return None
+        return tirx.op.call_intrin(expr.ty.dtype, expr.op, *args)
+    for name in _BINARY:
+        if isinstance(expr, getattr(E, name)):
+            a, b = _rewrite_exp(expr.a), _rewrite_exp(expr.b)
+            if a is None or b is None:
+                return None
+            return getattr(E, name)(a, b)
+    if isinstance(expr, E.Cast):
+        v = _rewrite_exp(expr.value)
+        return None if v is None else E.Cast(expr.ty.dtype, v)
+    if isinstance(expr, (TensorLoad, E.FloatImm, E.IntImm, E.Var)):
+        return expr
+    return None
+
+
+def fast_exp(x):
+    """``exp(x)`` for fp32 as TVM's ``topi.fast_exp`` computes it: ``2^n * p(f)`` with
+    ``n = floor(x * log2(e) + 1/2)``, ``f = x - n ln 2`` and a degree-7 polynomial; relative
+    error about 1e-7, every step a vector instruction."""
+    f32 = "float32"
+    x_hi, x_lo = tirx.op.const(88.3762626647950, f32), tirx.op.const(-88.3762626647949, f32)
+    log2e, ln2 = tirx.op.const(1.44269504088896341, f32), tirx.op.const(0.6931471805599453, f32)
+    p = [tirx.op.const(c, f32) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                      4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)]
+    one, half = tirx.op.const(1.0, f32), tirx.op.const(0.5, f32)
+    xc = tirx.op.max(tirx.op.min(x, x_hi), x_lo)
+    n = tirx.op.floor(xc * log2e + half)
+    f = xc - n * ln2
+    y = (((((p[0] * f + p[1]) * f + p[2]) * f + p[3]) * f + p[4]) * f + p[5]) * f * f + f + one
+    ef = tirx.op.reinterpret(f32, (n.astype("int32") + 127) << 23)
+    return tirx.op.max(ef * y, x)
