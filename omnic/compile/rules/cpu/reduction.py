@@ -277,12 +277,12 @@ def _schedule_rows(sch: s_tir.Schedule, lanes: int, parallel: bool) -> bool:
 
 
 def _row_bytes(sch: s_tir.Schedule, block, lead: int) -> int:
-    """Bytes of the block's output per row (its dimensions after the ``lead`` row dimensions)."""
-    buf = sch.get(block).writes[0].source
+    """Bytes the block writes per row (its iterators after the ``lead`` row iterators)."""
+    stmt = sch.get(block)
     n = 1
-    for dim in list(buf.shape)[lead:]:
-        n *= int(dim)
-    return n * tvm.runtime.DataType(str(buf.dtype)).bits // 8
+    for iv in stmt.iter_vars[lead:]:
+        n *= int(iv.dom.extent)
+    return n * tvm.runtime.DataType(str(stmt.writes[0].source.dtype)).bits // 8
 
 
 def _vectorize_rf(sch: s_tir.Schedule, rf, lanes: int, total: int):
@@ -368,15 +368,34 @@ def _all_blocks(sch: s_tir.Schedule) -> list:
 
 # ----------------------------------------------------------------------------- columns
 def _schedule_blocks(sch: s_tir.Schedule, lanes: int, parallel: bool) -> None:
-    for block in _root_blocks(sch):
+    """Each block on its own; an elementwise block right after a reduction (a mean's division,
+    a residual add) moves into the reduction's parallel loop and reads its result there."""
+    names = [sch.get(b).name_hint for b in _root_blocks(sch)]
+    done = set()
+    for name in names:
+        if name in done:
+            continue
+        block = sch.get_sblock(name)
         stmt = sch.get(block)
-        if 2 in _kinds(stmt):
-            if _is_inner(stmt):
-                _one_row_reduction(sch, block, lanes, parallel)
-            else:
-                _column_reduction(sch, block, lanes, parallel)
-        else:
+        if 2 not in _kinds(stmt):
             _elementwise(sch, block, lanes, parallel)
+            continue
+        consumers = sch.get_consumers(block)
+        follower = None
+        if not _writes_output(sch, block) and len(consumers) == 1 and 2 not in _kinds(sch.get(consumers[0])):
+            follower = consumers[0]
+        if _is_inner(stmt):
+            outer = _one_row_reduction(sch, block, lanes, parallel)
+        else:
+            outer = _column_reduction(sch, block, lanes, parallel, follower is None)
+        if follower is not None and outer is not None:
+            follower_name = sch.get(follower).name_hint
+            try:
+                sch.reverse_compute_at(follower, outer, preserve_unit_loops=True)
+                _vectorize_inner(sch, follower, lanes)
+                done.add(follower_name)
+            except Exception:  # noqa: BLE001 - the follower reads more than the loop makes: own loop
+                pass
 
 
 def _parallel_outer(sch: s_tir.Schedule, loops: list, parallel: bool):
@@ -395,13 +414,14 @@ def _elementwise(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None
     _vectorize_inner(sch, block, lanes)
 
 
-def _one_row_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None:
+def _one_row_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool):
+    """A reduction along contiguous data, alone: rows in parallel, vector partial results.
+    Returns the row loop (None when there is none)."""
     pair = _rfactor(sch, block, lanes)
     if pair is None:
         loops = sch.get_loops(block)
         spatial = loops[:len(loops) - sum(1 for k in _kinds(sch.get(block)) if k == 2)]
-        _parallel_outer(sch, spatial, parallel)
-        return
+        return _parallel_outer(sch, spatial, parallel)
     rf, final, total = pair
     loops = sch.get_loops(final)
     n_spatial = sum(1 for k in _kinds(sch.get(final)) if k == 0)
@@ -411,10 +431,14 @@ def _one_row_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -
     split_tail = _vectorize_rf(sch, rf, lanes, total)
     if split_tail is not None:
         split_tail()
+    return row
 
 
-def _column_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool) -> None:
-    """Reduce over outer axes with the contiguous kept axis in vectors, innermost."""
+def _column_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool, cache: bool):
+    """Reduce over outer axes with the contiguous kept axis in vectors, innermost; returns the
+    parallel loop over the kept axes (None when there is none). ``cache``: accumulate in a
+    vector-sized scratch buffer written back per vector (for a reduction that writes the
+    kernel's output; an intermediate is compacted to that size by its consumer moving in)."""
     stmt = sch.get(block)
     kinds = _kinds(stmt)
     loops = sch.get_loops(block)
@@ -432,15 +456,16 @@ def _column_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool) ->
         vi = vec_loop
         outer = [lp for lp in spatial if lp != vec_loop]
     sch.reorder(*outer, *reduce_loops, vi)
-    # accumulate a vector of the kept axis in registers over all reduced elements
-    acc = sch.cache_write(block, 0, "global")
     fused = _parallel_outer(sch, outer, parallel)
-    if fused is not None:
+    if cache and fused is not None:
+        # accumulate a vector of the kept axis in registers over all reduced elements
+        acc = sch.cache_write(block, 0, "global")
         sch.reverse_compute_at(acc, fused, preserve_unit_loops=True)
         _vectorize_inner(sch, acc, lanes)
     if n <= WHOLE_VECTOR_MAX * lanes or n % lanes == 0:
         sch.vectorize(vi)
     sch.decompose_reduction(block, reduce_loops[0])
+    return fused
 
 
 # ----------------------------------------------------------------------------- exp
