@@ -37,6 +37,8 @@ RFACTOR_MIN_VECTORS = 2
 #: from the workspace pool, a call each time); a "local" buffer always goes to the pool, so
 #: every intermediate here stays in "global" scope
 STACK_BYTES = 1024
+#: rows of intermediates too wide for the stack are computed this many bytes at a time
+CHUNK_BYTES = 16384
 #: vectorize a contiguous loop whole (a wide vector LLVM splits) up to this many vectors
 WHOLE_VECTOR_MAX = 4
 
@@ -246,14 +248,15 @@ def _schedule_rows(sch: s_tir.Schedule, lanes: int, parallel: bool) -> bool:
                 rf_names[sch.get(pair[0]).name_hint] = pair[2]
                 final_names.add(sch.get(pair[1]).name_hint)
     blocks = _root_blocks(sch)
-    # a row-sized intermediate (softmax's exp) too big for the stack is recomputed where it is
-    # used instead: a workspace allocation per row costs more than the recomputation
-    for block in blocks[:-1]:
-        if 2 not in _kinds(sch.get(block)) and _row_bytes(sch, block, lead) >= STACK_BYTES:
-            sch.compute_inline(block)
-    blocks = _root_blocks(sch)
     loops = sch.get_loops(blocks[-1])
     row = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+    # a row-sized intermediate (softmax's exp) too big for the stack comes from the workspace
+    # pool, a call per allocation: compute a few rows per allocation
+    widest = max([_row_bytes(sch, b, lead) for b in blocks[:-1] if 2 not in _kinds(sch.get(b))] or [0])
+    rows = _extent(sch, row) or 1
+    per_chunk = max(1, CHUNK_BYTES // max(1, widest))
+    if widest >= STACK_BYTES and per_chunk > 1 and rows >= 2 * per_chunk:
+        row, _ = sch.split(row, [None, per_chunk])
     for block in reversed(blocks[:-1]):
         sch.compute_at(block, row, preserve_unit_loops=False)
     if parallel and (_extent(sch, row) or 0) > 1:
