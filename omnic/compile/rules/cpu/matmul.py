@@ -22,6 +22,7 @@ from tvm.ir.expr import TensorLoad as BufferLoad
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from omnic.compile.rules.cpu.base import CPURule, num_cores, vector_bits, vector_lanes
+from omnic.compile.rules.cpu.fastmath import use_fast_math
 
 #: annotation that marks a block as weight re-layout, split out and folded at build time
 LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"
@@ -205,6 +206,7 @@ class MatmulRule(CPURule):
             return None
         for info in reversed(infos[:at]):  # prologue (e.g. a transpose): read in place
             sch.compute_inline(info.block_rv)
+        use_fast_math(sch, [i.block_rv for i in infos[at + 1:]])  # a GELU epilogue's erf
         return _schedule(sch, func, block, einsum, [i.block_rv for i in infos[at + 1:]], target)
 
 

@@ -13,8 +13,8 @@ broadcasting around them (``max -> exp -> sum -> divide``, ``sum -> mean -> var 
   contiguous kept axis split into vectors and innermost, the reduced loops around it and the
   accumulators in registers, the other kept axes in parallel.
 
-``exp`` inside these kernels is computed by TVM's vectorizable polynomial (``topi.fast_exp``'s
-formula) instead of a libm call per element, which LLVM cannot vectorize.
+``exp`` inside these kernels is computed by TVM's vectorizable polynomial (see
+:mod:`omnic.compile.rules.cpu.fastmath`) instead of a libm call per element.
 
 Pooling blocks (a ``schedule_rule`` annotation) and matmul-like reductions (two operands varying
 along the reduced axis) are left to their own rules.
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import tvm
 from tvm import s_tir, tirx
-from tvm.ir.expr import TensorLoad
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from omnic.compile.rules.cpu.base import CPURule, num_cores, vector_lanes
+from omnic.compile.rules.cpu.fastmath import use_fast_math
 
 #: run a kernel's outer loop in parallel only when it touches at least this many elements (the
 #: fork/join of the thread pool costs microseconds)
@@ -124,7 +124,7 @@ class ReductionRule(CPURule):
             return None
         if any(str(b.writes[0].source.dtype) not in ("float32", "float16") for b in blocks if b.writes):
             return None
-        _fast_exp_all(sch)
+        use_fast_math(sch, _root_blocks(sch))
         _inline_single_use(sch)
         parallel = num_cores(target) > 1 and _elements(func) >= PARALLEL_MIN_ELEMENTS
         lanes = vector_lanes(target, "float32")
@@ -469,68 +469,3 @@ def _column_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool, ca
         sch.vectorize(vi)
     sch.decompose_reduction(block, reduce_loops[0])
     return fused
-
-
-# ----------------------------------------------------------------------------- exp
-def _fast_exp_all(sch: s_tir.Schedule) -> None:
-    """Compute fp32 ``exp`` of every block with a vectorizable polynomial (see module doc)."""
-    for block in _root_blocks(sch):
-        stmt = sch.get(block)
-        body = stmt.body
-        if not isinstance(body, tirx.BufferStore) or "T.exp(" not in body.value.script():
-            continue
-        new_value = _rewrite_exp(body.value)
-        if new_value is None:
-            continue
-        new_body = tirx.BufferStore(body.buffer, new_value, body.indices)
-        new_block = s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, new_body,
-                                 stmt.init, stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
-        sch.state.replace(sch.get_sref(block), new_block, {stmt: new_block})
-
-
-_BINARY = ("Add", "Sub", "Mul", "Div", "Max", "Min")
-
-
-def _rewrite_exp(expr):
-    """``expr`` with every fp32 ``exp(x)`` replaced by :func:`fast_exp` (None if it has a node
-    this rewriter does not rebuild)."""
-    import tvm.ir.prim.expr as E  # noqa: PLC0415 - the node classes, only needed here (not lazy: tvm is loaded)
-
-    if isinstance(expr, tvm.ir.expr.Call):
-        if expr.op.same_as(tvm.ir.Op.get("tirx.exp")) and str(expr.ty.dtype) == "float32":
-            arg = _rewrite_exp(expr.args[0])
-            return None if arg is None else fast_exp(arg)
-        args = [_rewrite_exp(a) for a in expr.args]
-        if any(a is None for a in args):
-            return None
-        return tirx.op.call_intrin(expr.ty.dtype, expr.op, *args)
-    for name in _BINARY:
-        if isinstance(expr, getattr(E, name)):
-            a, b = _rewrite_exp(expr.a), _rewrite_exp(expr.b)
-            if a is None or b is None:
-                return None
-            return getattr(E, name)(a, b)
-    if isinstance(expr, E.Cast):
-        v = _rewrite_exp(expr.value)
-        return None if v is None else E.Cast(expr.ty.dtype, v)
-    if isinstance(expr, (TensorLoad, E.FloatImm, E.IntImm, E.Var)):
-        return expr
-    return None
-
-
-def fast_exp(x):
-    """``exp(x)`` for fp32 as TVM's ``topi.fast_exp`` computes it: ``2^n * p(f)`` with
-    ``n = floor(x * log2(e) + 1/2)``, ``f = x - n ln 2`` and a degree-7 polynomial; relative
-    error about 1e-7, every step a vector instruction."""
-    f32 = "float32"
-    x_hi, x_lo = tirx.op.const(88.3762626647950, f32), tirx.op.const(-88.3762626647949, f32)
-    log2e, ln2 = tirx.op.const(1.44269504088896341, f32), tirx.op.const(0.6931471805599453, f32)
-    p = [tirx.op.const(c, f32) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
-                                      4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)]
-    one, half = tirx.op.const(1.0, f32), tirx.op.const(0.5, f32)
-    xc = tirx.op.max(tirx.op.min(x, x_hi), x_lo)
-    n = tirx.op.floor(xc * log2e + half)
-    f = xc - n * ln2
-    y = (((((p[0] * f + p[1]) * f + p[2]) * f + p[3]) * f + p[4]) * f + p[5]) * f * f + f + one
-    ef = tirx.op.reinterpret(f32, (n.astype("int32") + 127) << 23)
-    return tirx.op.max(ef * y, x)
