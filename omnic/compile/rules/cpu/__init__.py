@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from omnic.compile.rules.cpu.apply import DefaultOutcome, apply_default_schedules, is_scheduled
 from omnic.compile.rules.cpu.base import PROVENANCE_ATTR, CPURule, num_cores, vector_lanes
+from omnic.compile.rules.cpu.matmul import MatmulRule
+from omnic.compile.rules.cpu.reduction import ReductionRule
 
 #: bumped whenever a rule's schedules change (it is part of every default build's fingerprint)
 RULES_REVISION = 1
 
 #: the rules, most specific first
-DEFAULT_RULES: tuple[CPURule, ...] = ()
+DEFAULT_RULES: tuple[CPURule, ...] = (MatmulRule(), ReductionRule())
 
 __all__ = ["DEFAULT_RULES", "PROVENANCE_ATTR", "RULES_REVISION", "CPURule", "DefaultOutcome",
            "apply_default_schedules", "is_scheduled", "num_cores", "vector_lanes"]

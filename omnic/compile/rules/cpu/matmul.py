@@ -28,6 +28,8 @@ from omnic.compile.rules.cpu.fastmath import use_fast_math
 LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"
 #: largest register tile height
 MAX_ROWS = 8
+#: run in parallel only from this many multiply-adds (the thread pool's fork/join costs microseconds)
+PARALLEL_MIN_MACS = 1 << 16
 #: TVM allocates a constant-size scratch buffer on the stack only below this many bytes (else
 #: from the workspace pool, a call per tile)
 STACK_BYTES = 1024
@@ -256,11 +258,13 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, block, e: _Einsum, epilo
             rest = [v for p, v in enumerate(idx) if p not in (pos_k, pos_j)]
             return [*rest, idx[pos_j] // cols, idx[pos_k], idx[pos_j] % cols]
 
-        sch.transform_layout(block, ("read", e.b_index), tirx.IndexMap.from_func(packed, ndim=ndim))
+        index_dtype = str(b_region.source.shape[0].ty.dtype)  # the map's variables must match the buffer's
+        sch.transform_layout(block, ("read", e.b_index),
+                             tirx.IndexMap.from_func(packed, ndim=ndim, index_dtype=index_dtype))
         if not weight:
-            _schedule_copy(sch, b_pack, tile.lanes, target)
+            _schedule_copy(sch, b_pack, target)
     elif b_pack is not None:
-        _schedule_copy(sch, b_pack, tile.lanes, target)
+        _schedule_copy(sch, b_pack, target)
 
     loops = sch.get_loops(block)
     batch_loops = [loops[i] for i in e.batch]
@@ -280,25 +284,29 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, block, e: _Einsum, epilo
     # in "global" scope: TVM puts a small constant-size global buffer on the stack (where LLVM
     # keeps it in registers) but allocates every "local" one from the workspace pool, a call
     # per tile
+    last = None
     if epilogue:
         *inner, last = epilogue
         for b in inner:
             sch.compute_inline(b)
-    else:
+        try:
+            sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
+        except Exception:  # noqa: BLE001 - an epilogue that reads across tiles (a reshape): own loop
+            _schedule_copy(sch, last, target)
+            last = None
+    if last is None:
         last = sch.cache_write(block, 0, "global")
-    sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
+        sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
     sch.vectorize(ji)
     if ii is not None:
         sch.unroll(ii)
-    out_loops = sch.get_loops(last)
-    depth = len(batch_loops) + (2 if io is not None else 1)
-    tail = out_loops[depth:]
-    if tail:
+    tail = sch.get_loops(last)[len(batch_loops) + (2 if io is not None else 1):]
+    if tail and n % tile.cols == 0:
         sch.vectorize(tail[-1])
 
     outer = [*batch_loops, jo] + ([io] if tile.parallel_rows and io is not None else [])
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if num_cores(target) > 1:
+    if num_cores(target) > 1 and batch * m * n * e.extents[e.red] >= PARALLEL_MIN_MACS:
         sch.parallel(fused)
     # last: the primitives above need the reduction block whole
     sch.decompose_reduction(block, red)
@@ -307,21 +315,17 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, block, e: _Einsum, epilo
 
 def _blocks_after(sch: s_tir.Schedule, block) -> list:
     """The root blocks after ``block``, in order."""
-    children = sch.get_child_blocks(sch.get_sblock("root") if False else _root(sch))
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    children = sch.get_child_blocks(root)
     names = [sch.get(b).name_hint for b in children]
     at = names.index(sch.get(block).name_hint)
     return list(children[at + 1:])
 
 
-def _root(sch: s_tir.Schedule):
-    return sch.get_sblock(sch.mod["main"].body.block.name_hint)
-
-
-def _schedule_copy(sch: s_tir.Schedule, block, lanes: int, target: tvm.target.Target) -> None:
-    """A per-call copy (padding or re-layout of an activation operand): parallel rows, vector columns."""
+def _schedule_copy(sch: s_tir.Schedule, block, target: tvm.target.Target) -> None:
+    """A per-call copy (padding or re-layout of an activation operand, an epilogue left on its
+    own): its outer loops in parallel. The inner loop is left to LLVM: a padding copy reads
+    under a condition that a TVM vector would evaluate for the padding lanes too."""
     loops = sch.get_loops(block)
-    if len(loops) > 1:
-        outer = sch.fuse(*loops[:-1])
-        if num_cores(target) > 1:
-            sch.parallel(outer)
-    sch.vectorize(loops[-1]) if False else None
+    if len(loops) > 1 and num_cores(target) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))

@@ -51,19 +51,26 @@ def _var_positions(indices, iter_vars) -> list[int | None]:
     return out
 
 
+def _uses(expr, variables) -> bool:
+    """Whether ``expr`` mentions any of ``variables``."""
+    if isinstance(expr, tvm.ir.expr.Var):
+        return any(expr.same_as(v) for v in variables)
+    for field in ("a", "b", "value", "condition", "true_value", "false_value"):
+        child = getattr(expr, field, None)
+        if child is not None and not isinstance(child, (int, float)) and _uses(child, variables):
+            return True
+    for field in ("args", "indices"):
+        for child in getattr(expr, field, None) or ():
+            if _uses(child, variables):
+                return True
+    return False
+
+
 def _varying_reads(block: s_tir.SBlock, red_pos: set[int]) -> list:
     """The read regions of ``block`` whose indices use a reduction iterator."""
     red_vars = [block.iter_vars[i].var for i in red_pos]
-    out = []
-    for region in block.reads:
-        used = False
-        for rng in region.region:
-            text = str(rng.min)
-            if any(v.name in text for v in red_vars):  # cheap and conservative
-                used = True
-        if used:
-            out.append(region)
-    return out
+    return [region for region in block.reads
+            if any(_uses(rng.min, red_vars) for rng in region.region)]
 
 
 def _kinds(block: s_tir.SBlock) -> list[int]:
@@ -122,21 +129,21 @@ class ReductionRule(CPURule):
         inner = [_is_inner(b) for b in reductions]
         if any(i is None for i in inner):
             return None
-        if any(str(b.writes[0].source.dtype) not in ("float32", "float16") for b in blocks if b.writes):
+        if any(str(w.source.dtype) != "float32" for b in blocks for w in b.writes):
             return None
         use_fast_math(sch, _root_blocks(sch))
         _inline_single_use(sch)
         parallel = num_cores(target) > 1 and _elements(func) >= PARALLEL_MIN_ELEMENTS
         lanes = vector_lanes(target, "float32")
+        # where the reduced axes lie, after inlining (an inlined transpose moves them)
+        inner = [_is_inner(sch.get(b)) for b in _root_blocks(sch) if 2 in _kinds(sch.get(b))]
         if all(inner):
             rows = sch.copy()
             try:
                 if _schedule_rows(rows, lanes, parallel):
                     return rows
-            except Exception as exc:  # noqa: BLE001 - a shape the row schedule does not fit: per block
-                import os, traceback
-                if os.environ.get("OMNIC_DEBUG_RULES"):
-                    traceback.print_exc()
+            except Exception:  # noqa: BLE001 - a kernel the row schedule does not fit: per block
+                pass
         _schedule_blocks(sch, lanes, parallel)
         return sch
 
@@ -387,7 +394,7 @@ def _schedule_blocks(sch: s_tir.Schedule, lanes: int, parallel: bool) -> None:
         follower = None
         if not _writes_output(sch, block) and len(consumers) == 1 and 2 not in _kinds(sch.get(consumers[0])):
             follower = consumers[0]
-        if _is_inner(stmt):
+        if _is_inner(stmt) is not False:
             outer = _one_row_reduction(sch, block, lanes, parallel)
         else:
             outer = _column_reduction(sch, block, lanes, parallel, follower is None)
