@@ -71,8 +71,9 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target, rules:
                 errors.append(f"{rule.name}: {describe(exc, ERROR_LIMIT)}")
                 continue
             # keep the kernel's own attributes (symbol, layout-free buffers)
+            # 0.27 PrimFuncs take their Buffers as params (there is no separate buffer_map)
             updated[gv] = tvm.tirx.PrimFunc(scheduled.params, scheduled.body, scheduled.ret_type,
-                                            scheduled.buffer_map, attrs=func.attrs
+                                            attrs=func.attrs
                                             ).with_attr("tirx.is_scheduled", True
                                                         ).with_attr(PROVENANCE_ATTR, f"default:{rule.name}")
             chosen = rule.name
