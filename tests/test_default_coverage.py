@@ -9,8 +9,8 @@ import re
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from omnic import engine
 from omnic.examples.zoo import get_model

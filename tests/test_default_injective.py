@@ -11,8 +11,8 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from omnic import engine
 

@@ -48,14 +48,19 @@ def schedule_any_kernel(func: tirx.PrimFunc, target: tvm.target.Target, *, inlin
         infos = try_inline_contiguous_spatial(sch, infos)
     cores = num_cores(target)
     for info in infos:
-        if info.is_injective():
-            try:
-                schedule_spatial_block(sch, info.block_rv, target)
-                continue
-            except Exception:  # noqa: BLE001 - a spatial block the vector plan does not fit
-                pass
-        _parallel_leading_spatial(sch, info, cores)
+        if not (info.is_injective() and _schedule_spatial(sch, info.block_rv, target)):
+            _parallel_leading_spatial(sch, info, cores)
     return sch
+
+
+def _schedule_spatial(sch: s_tir.Schedule, block, target: tvm.target.Target) -> bool:
+    """The injective rule's schedule of one spatial block; False where its vector plan does not
+    fit (the block then only gets a parallel loop)."""
+    try:
+        schedule_spatial_block(sch, block, target)
+    except Exception:  # noqa: BLE001 - a shape the plan did not foresee
+        return False
+    return True
 
 
 class FallbackRule(CPURule):

@@ -16,7 +16,7 @@ kernel with its outer loop parallel.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import tvm
 import tvm_ffi
@@ -105,7 +105,8 @@ def element_cost(sch: s_tir.Schedule, block: SBlockRV) -> int:
     """Cost of one element of the block, in simple ops: 1, plus :data:`TRANSCENDENTAL_COST` per
     transcendental call (a sigmoid or an erf makes a small tensor worth sharing out)."""
     calls = []
-    tvm_ffi.structural_walk(sch.get(block).body, [(tvm.ir.expr.Call, lambda c: calls.append(c.op))], order="post")
+    tvm_ffi.structural_walk(sch.get(block).body, [(tvm.ir.expr.Call, lambda c: calls.append(c.op))],
+                            order="post")
     return 1 + TRANSCENDENTAL_COST * sum(1 for op in calls if getattr(op, "name", "") in TRANSCENDENTALS)
 
 
@@ -163,7 +164,8 @@ def transposed_axis(sch: s_tir.Schedule, block: SBlockRV, loops: list[LoopRV]) -
 
 
 # --------------------------------------------------------------------------- one spatial block
-def parallelize(sch: s_tir.Schedule, loops: Sequence[LoopRV], *, cores: int, work: int | None) -> LoopRV | None:
+def parallelize(sch: s_tir.Schedule, loops: Sequence[LoopRV], *, cores: int,
+                work: int | None) -> LoopRV | None:
     """Fuse leading ``loops`` into one parallel loop with a few iterations per thread.
 
     Nothing happens on one core, or when ``work`` (elements the block writes times
@@ -303,9 +305,9 @@ def worth_inlining(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     """Whether inlining ``block`` into its consumers computes each of its elements about once.
 
     A cheap block (a copy, a pad, a clip; not a transpose) may be recomputed for every point its
-    consumers read; an expensive one (a sigmoid, a hard-swish, a bilinear resize) only where they read it once in
-    all (an elementwise chain), not where a resize, a second consumer or a second use reads it
-    again.
+    consumers read; an expensive one (a sigmoid, a hard-swish, a bilinear resize) only where they
+    read it once in all (an elementwise chain), not where a resize, a second consumer or a second
+    use reads it again.
     """
     return _cheap(sch, block) or _read_once(sch, block, sch.get_consumers(block))
 
@@ -317,29 +319,29 @@ def worth_inlining_into_producer(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     return len(producers) == 1 and (_cheap(sch, producers[0]) or _read_once(sch, producers[0], [block]))
 
 
+def _inline_first(sch: s_tir.Schedule, blocks: list, worth: Callable, inline: Callable) -> int | None:
+    """Inline the first of ``blocks`` that is ``worth`` it and that ``inline`` takes; its index."""
+    for i, info in enumerate(blocks):
+        try:
+            if worth(sch, info.block_rv):
+                inline(info.block_rv)
+                return i
+        except Exception:  # noqa: BLE001, S112 - an output block, or one its neighbours cannot take
+            continue
+    return None
+
+
 def inline_all(sch: s_tir.Schedule, blocks: list) -> list:
     """Inline every block that can go into its consumers or its producer, where that does not
     recompute expensive elements (:func:`worth_inlining`), until none can; returns the blocks
     left, in order."""
     blocks = list(blocks)
     while True:
-        for i, info in enumerate(blocks):
-            try:
-                if worth_inlining(sch, info.block_rv):
-                    sch.compute_inline(info.block_rv)
-                    break
-            except Exception:  # noqa: BLE001 - an output block, or one its consumers cannot take
-                pass
-        else:
-            for i, info in enumerate(blocks):
-                try:
-                    if worth_inlining_into_producer(sch, info.block_rv):
-                        sch.reverse_compute_inline(info.block_rv)
-                        break
-                except Exception:  # noqa: BLE001 - not elementwise over its producer
-                    pass
-            else:
-                return blocks
+        i = _inline_first(sch, blocks, worth_inlining, sch.compute_inline)
+        if i is None:
+            i = _inline_first(sch, blocks, worth_inlining_into_producer, sch.reverse_compute_inline)
+        if i is None:
+            return blocks
         blocks.pop(i)
 
 
@@ -368,7 +370,7 @@ def schedule_spatial_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> s
                 for info in infos:
                     plan(sch, info.block_rv)
                 return sch
-            except Exception:  # noqa: BLE001 - a step that does not fit: try a plainer schedule
+            except Exception:  # a step that does not fit: try a plainer schedule
                 if k == len(plans) - 1 and not inline:
                     raise
     return None
