@@ -160,17 +160,21 @@ def test_an_expensive_producer_is_computed_once_per_element():
 
 
 # ------------------------------------------------------------------- the rules on single ops
-def _relax_kernels(build_body, shapes: list[tuple[tuple[int, ...], str]]):
-    """The legalized kernels of one Relax function ``build_body(bb, *vars)``."""
+def _relax_kernels(build_body, shapes: list[tuple[tuple[int, ...], str]], *, fuse: bool = False):
+    """The legalized (and, with ``fuse``, fused) kernels of one Relax function
+    ``build_body(bb, *vars)``."""
     import tvm
     from tvm import relax
 
     bb = relax.BlockBuilder()
     params = [relax.Var(f"x{i}", relax.TensorType(s, d)) for i, (s, d) in enumerate(shapes)]
     with bb.function("main", params):
-        out = bb.emit(build_body(bb, *params))
+        with bb.dataflow():
+            out = bb.emit_output(build_body(bb, *params))
         bb.emit_func_output(out)
     mod = relax.transform.LegalizeOps()(bb.get())
+    if fuse:
+        mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(mod)))
     return [(gv.name_hint, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
 
 
@@ -285,6 +289,52 @@ def test_fallback_parallelizes_kernels_with_reductions_and_keeps_their_results(n
         assert sch is not None
         assert "T.parallel" in sch.mod["main"].script()
         _same_results(func, sch.mod["main"], target)
+
+
+def _odd_kernels():
+    from tvm import relax
+
+    op = relax.op
+    f32 = "float32"
+    return [
+        # dlight's analysis reads a reduction over one element as spatial: inlining the sigmoid
+        # into it would apply the sigmoid in its init and again in its update
+        ("unit-reduction", lambda bb, x, w: op.sigmoid(bb.emit(op.nn.conv2d(x, w, data_layout="NHWC",
+                                                                              kernel_layout="OHWI"))),
+         [((1, 1, 1, 1), f32), ((7, 1, 1, 1), f32)]),
+        # uneven adaptive windows lower to blocks nested in blocks, which dlight cannot read
+        ("adaptive-pool", lambda bb, x: op.nn.adaptive_avg_pool2d(x, (4, 5)), [((1, 96, 90, 110), f32)]),
+    ]
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _odd_kernels()])
+def test_odd_kernels_go_to_the_fallback_and_keep_their_results(name):
+    import tvm
+
+    from omnic.compile.rules.cpu import FallbackRule, InjectiveRule
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
+    _, body, shapes = next(c for c in _odd_kernels() if c[0] == name)
+    for _, func in _relax_kernels(body, shapes, fuse=True):
+        assert InjectiveRule().apply(func, target, False) is None
+        sch = FallbackRule().apply(func, target, False)
+        assert sch is not None
+        if name == "adaptive-pool":
+            assert "T.parallel" in sch.mod["main"].script()
+        _same_results(func, sch.mod["main"], target)
+
+
+def test_a_squeeze_excite_with_one_squeezed_channel_matches_pytorch():
+    class SE1(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.up = nn.Conv2d(6, 1, 1), nn.Conv2d(1, 6, 1)
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.up(torch.relu(self.down(x.mean((2, 3), keepdim=True)))))
+
+    dm = engine.compile(SE1().eval(), "host", torch.randn(1, 6, 9, 7))  # refuses outputs off PyTorch's
+    assert dm.report["kernels_unscheduled"] == 0
 
 
 def test_rules_build_for_a_raspberry_pi():

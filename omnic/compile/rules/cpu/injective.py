@@ -52,7 +52,7 @@ MAX_UNROLL = 8
 LoopRV = s_tir.schedule.LoopRV
 SBlockRV = s_tir.schedule.SBlockRV
 
-_get_block_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
+get_block_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -110,6 +110,14 @@ def element_cost(sch: s_tir.Schedule, block: SBlockRV) -> int:
     return 1 + TRANSCENDENTAL_COST * sum(1 for op in calls if getattr(op, "name", "") in TRANSCENDENTALS)
 
 
+def is_spatial_block(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """Whether every iterator of the block is spatial and it has no init (dlight's analysis counts
+    a reduction over one element, a 1x1 conv on one channel, as spatial; inlining its consumer
+    into it would apply the consumer in the init and again in the update)."""
+    stmt = sch.get(block)
+    return stmt.init is None and all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars)
+
+
 def _dtype_of(sch: s_tir.Schedule, block: SBlockRV) -> str:
     writes = sch.get(block).writes
     return str(writes[0].source.dtype) if writes else "float32"
@@ -146,7 +154,7 @@ def transposed_axis(sch: s_tir.Schedule, block: SBlockRV, loops: list[LoopRV]) -
     """
     if len(loops) < 2:
         return None
-    realize = _get_block_realize(sch, block)
+    realize = get_block_realize(sch, block)
     stmt = sch.get(block)
     loop_vars = [sch.get(lp).loop_var for lp in loops]
     position = {}
@@ -309,14 +317,16 @@ def worth_inlining(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     read it once in all (an elementwise chain), not where a resize, a second consumer or a second
     use reads it again.
     """
-    return _cheap(sch, block) or _read_once(sch, block, sch.get_consumers(block))
+    return is_spatial_block(sch, block) and (_cheap(sch, block)
+                                             or _read_once(sch, block, sch.get_consumers(block)))
 
 
 def worth_inlining_into_producer(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     """:func:`worth_inlining` for inlining ``block`` into its producer (which then computes the
     block's expression, with a copy of its own for every load of it the block makes)."""
     producers = sch.get_producers(block)
-    return len(producers) == 1 and (_cheap(sch, producers[0]) or _read_once(sch, producers[0], [block]))
+    return (len(producers) == 1 and is_spatial_block(sch, producers[0])
+            and (_cheap(sch, producers[0]) or _read_once(sch, producers[0], [block])))
 
 
 def _inline_first(sch: s_tir.Schedule, blocks: list, worth: Callable, inline: Callable) -> int | None:
@@ -357,7 +367,7 @@ def schedule_spatial_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> s
     of block (a reduction) or is not in a form the schedule can read."""
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
-    if infos is None or not all(info.is_injective() for info in infos):
+    if infos is None or not all(is_spatial_block(sch, info.block_rv) for info in infos):
         return None
     plans = _plans(target)
     for inline in (True, False):
