@@ -84,7 +84,7 @@ def schedule_any_kernel(func: tirx.PrimFunc, target: tvm.target.Target, *, inlin
         for block in sch.get_child_blocks(root):
             try:
                 parallel_leading_spatial(sch, block, cores)
-            except Exception:  # noqa: BLE001 - a loop TVM will not run in parallel stays serial
+            except Exception:  # noqa: BLE001, S112 - a loop TVM will not run in parallel stays serial
                 continue
         return sch
     blocks = [info.block_rv for info in (inline_all(sch, infos) if inline else infos)]
