@@ -206,8 +206,16 @@ class MatmulRule(CPURule):
             return None
         if any(not info.is_injective() for info in infos[at + 1:]):
             return None
-        for info in reversed(infos[:at]):  # prologue (e.g. a transpose): read in place
-            sch.compute_inline(info.block_rv)
+        if at:  # a prologue (e.g. a transpose): read in place if the block stays an einsum
+            inlined = sch.copy()
+            for info in reversed(infos[:at]):
+                inlined.compute_inline(info.block_rv)
+            again = _match_einsum(inlined.get(block))
+            if again is not None:
+                sch, einsum = inlined, again
+            else:  # (e.g. a dequantized weight) computed on its own before the matmul
+                for info in infos[:at]:
+                    _schedule_copy(sch, info.block_rv, target)
         use_fast_math(sch, [i.block_rv for i in infos[at + 1:]])  # a GELU epilogue's erf
         return _schedule(sch, func, block, einsum, [i.block_rv for i in infos[at + 1:]], target)
 
