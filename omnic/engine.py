@@ -140,7 +140,8 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         prepare_s=round(t_prepare, 3), build_s=round(time.perf_counter() - t1, 3),
         replay=built.replay, records_failed_to_replay=built.records_failed_to_replay,
         schedules=build.schedule_counts(schedules), kernel_schedules=schedules,
-        build_fingerprint=build.build_fingerprint(schedules), database_state=db_state)
+        build_fingerprint=build.build_fingerprint(schedules), database_state=db_state,
+        transfers=built.transfers)
     dm = DeviceModel(executable=executable, deployment=deployment, input_shapes=traced.input_shapes,
                      input_dtypes=traced.input_dtypes, output_is_tuple=traced.output_is_tuple,
                      structural_hash=traced.structural_hash, report=report, module=final_mod)

@@ -15,6 +15,7 @@ from tvm.s_tir import dlight as dl
 
 from omnic.compile.rules.cpu import DEFAULT_RULES, PROVENANCE_ATTR, DefaultOutcome, apply_default_schedules
 from omnic.compile.stack_align import pipeline_for
+from omnic.compile.transfer import CHOICE, KernelTransfer, policy, transfer_schedules
 from omnic.compile.tuning.replay import KernelReplay, apply_database
 from omnic.core.errors import CompileError, describe
 from omnic.core.targets import DeviceSpec
@@ -55,12 +56,16 @@ class BuildResult:
             fallen back because none replayed (:class:`~omnic.compile.tuning.replay.KernelReplay`).
         defaults: One entry per kernel left without a schedule by the database (CPU): the
             default rule that scheduled it, or None (:class:`~omnic.compile.rules.cpu.DefaultOutcome`).
+        transfers: One entry per kernel without a record of its own (CPU, with a database): the
+            tuned workload whose re-fitted trace it got, or why none
+            (:class:`~omnic.compile.transfer.KernelTransfer`).
     """
 
     executable: Any
     module: tvm.IRModule
     replay: tuple[KernelReplay, ...] = ()
     defaults: tuple[DefaultOutcome, ...] = ()
+    transfers: tuple[KernelTransfer, ...] = ()
 
     @property
     def records_failed_to_replay(self) -> int:
@@ -89,7 +94,8 @@ def build(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targe
 
 
 def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any = None, *,
-                 failures_dir: Path | None = None, default_rules: Sequence[Any] = DEFAULT_RULES) -> BuildResult:
+                 failures_dir: Path | None = None, default_rules: Sequence[Any] = DEFAULT_RULES,
+                 transfer: str | None = CHOICE) -> BuildResult:
     """:func:`build`, also saying what applying the database did to each kernel.
 
     A record that does not replay on a kernel never fails the build: the next best record is
@@ -104,6 +110,9 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
             are remembered so later builds skip them; None to remember nothing.
         default_rules: CPU: the default schedule rules for kernels the database does not
             schedule (:data:`omnic.compile.rules.cpu.DEFAULT_RULES`; empty for plain loop nests).
+        transfer: CPU, with a database: how kernels without a record of their own get the tuned
+            trace of a similar workload (one of :data:`omnic.compile.transfer.CHOICES`, weighing
+            it against the default rules), or None for no transfer-tuning.
 
     Returns:
         A :class:`BuildResult`.
@@ -113,10 +122,18 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
     """
     replay: tuple[KernelReplay, ...] = ()
     defaults: tuple[DefaultOutcome, ...] = ()
+    transfers: tuple[KernelTransfer, ...] = ()
     try:
         mod = mod_prepared
         if database is not None:
             mod, replay = _apply_database(mod, spec, target, database, failures_dir)
+            if spec.kind != "gpu" and transfer is not None:
+                # kernels of workloads the database lacks get the trace of their nearest tuned
+                # relative (another width or resolution of the same op), before the default rules
+                with target:
+                    mod, transfers = transfer_schedules(
+                        mod, target, database, **policy(transfer, target=target, local=spec.local,
+                                                        default_rules=default_rules))
         if spec.kind == "gpu":
             mod = _default_gpu_schedules(mod, target)
         else:
@@ -128,8 +145,13 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
         executable = tvm.compile(mod, target, tir_pipeline=pipeline_for(target))
     except Exception as exc:
+        if any(t.outcome == "transferred" for t in transfers):
+            # a transferred schedule that does not compile (as some candidates of a tuning run do
+            # not) costs the transfers, never the build
+            return build_result(mod_prepared, spec, target, database, failures_dir=failures_dir,
+                                default_rules=default_rules, transfer=None)
         raise CompileError(f"building for {spec.name} failed: {describe(exc)}") from exc
-    return BuildResult(executable=executable, module=mod, replay=replay, defaults=defaults)
+    return BuildResult(executable=executable, module=mod, replay=replay, defaults=defaults, transfers=transfers)
 
 
 #: the kinds of schedule a kernel can have, in the order reports list them

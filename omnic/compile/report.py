@@ -125,6 +125,9 @@ class CompileReport(_DictView):
             fingerprint run the same kernels.
         database_state: Digest of the tuning database the build applied
             (:func:`omnic.compile.tuning.state_digest`; ``"none"`` without one).
+        transfers: What transfer-tuning did, one entry per kernel the database has no record
+            for (:class:`omnic.compile.transfer.KernelTransfer`): ``"transferred"`` with the
+            source workload and record, or why not.
     """
 
     device: str
@@ -148,6 +151,7 @@ class CompileReport(_DictView):
     kernel_schedules: tuple[tuple[str, str], ...] = ()
     build_fingerprint: str = ""
     database_state: str = "none"
+    transfers: tuple[Any, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
