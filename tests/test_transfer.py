@@ -15,11 +15,12 @@ import pytest
 import torch
 import torch.nn as nn
 import tvm
+from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from omnic import Deployment, engine
-from omnic.compile import frontend, pipeline, rules, transfer, tuning
-from omnic.compile.rules.cpu import PROVENANCE_ATTR
+from omnic.compile import build, frontend, pipeline, rules, transfer, tuning
+from omnic.compile.rules.cpu import DEFAULT_RULES, PROVENANCE_ATTR
 from omnic.compile.target import tvm_target
 from omnic.compile.tuning.builders import light_tensor_intrinsics
 from omnic.core.ir import trace
@@ -160,8 +161,8 @@ def test_nearest_prefers_near_sources_that_were_tuned_well():
     kernel = transfer.Family(key="k", extents=(1, 3, 3, 240, 720), blocks=frozenset({"conv", "add"}))
 
     def source(name, extents, gflops, blocks=("conv", "add"), key="k"):
-        return transfer.Source(workload=name, family=transfer.Family(key=key, extents=extents, blocks=frozenset(blocks)),
-                               records=(), gflops=gflops)
+        family = transfer.Family(key=key, extents=extents, blocks=frozenset(blocks))
+        return transfer.Source(workload=name, family=family, records=(), gflops=gflops)
 
     index = {"k": (source("a", (1, 3, 3, 320, 960), 36.0), source("b", (1, 3, 3, 160, 576), 96.0),
                    source("c", (1, 3, 3, 160, 960), 95.0), source("d", (1, 6, 6, 960, 160), 500.0)),
@@ -225,6 +226,22 @@ def test_transfer_schedules_refits_every_tile_to_the_kernel(database):
     assert all(o.outcome == "no-anchor" for o in outcomes if o.kernel not in done)
 
 
+def run_build(result, x: torch.Tensor):
+    vm = relax.VirtualMachine(result.executable, tvm.cpu())
+    return vm, vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+
+
+def max_rel_error(out, ref) -> float:
+    return float(abs(out - ref).max() / abs(ref).max())
+
+
+def provenances(mod: tvm.IRModule) -> dict[str, str]:
+    """Kernel -> provenance (a kernel whose weights are re-laid out at compile time is renamed
+    ``<kernel>_prepacked``: the name here is the original)."""
+    return {gv.name_hint.removesuffix("_prepacked"): str(f.attrs[PROVENANCE_ATTR]) for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and PROVENANCE_ATTR in f.attrs}
+
+
 def tile_products(sch) -> list[int]:
     return sorted(math.prod(int(f) for f in sch.trace.get_decision(inst))
                   for inst in sch.trace.insts if inst.kind.name == "SamplePerfectTile")
@@ -245,21 +262,38 @@ def test_another_epilogue_gets_the_anchor_trace_refitted(database):
                                   same_blocks=False, lanes=16)
     anchor = tvm.s_tir.analysis.find_anchor_sblock(tvm.IRModule({"main": mod[pw.kernel]}))
     assert tile_products(sch) == sorted(int(iv.dom.extent) for iv in anchor.iter_vars)
-    dm = engine.compile(make(24, pw_relu=False), Deployment(device="host"), X, database=database)
-    assert dm.report["max_rel_error"] is not None
+    result = build.build_result(mod, Deployment.coerce("host").spec, target, database, transfer="transferred")
+    assert max_rel_error(run_build(result, X)[1], make(24, pw_relu=False)(X).detach().numpy()) <= 1e-4
 
 
-def test_compile_with_transfer_matches_pytorch_and_reports(database):
-    wide = make(24)
-    dm = engine.compile(wide, Deployment(device="host"), X, database=database)
-    assert dm.report["max_rel_error"] is not None  # checked against PyTorch (refused beyond 1e-4)
-    transfers = dm.report["transfers"]
-    assert sum(t["outcome"] == "transferred" for t in transfers) >= 4
-    provenance = [str(f.attrs[PROVENANCE_ATTR]) for _, f in dm.module.functions_items()
-                  if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and PROVENANCE_ATTR in f.attrs]
-    assert sum(p.startswith("transferred:") for p in provenance) >= 4
+def test_transferred_build_matches_pytorch(database):
+    mod, target = prepared_net(24)
+    result = build.build_result(mod, Deployment.coerce("host").spec, target, database, transfer="transferred")
+    assert max_rel_error(run_build(result, X)[1], make(24)(X).detach().numpy()) <= 1e-4
+    done = {t.kernel: t for t in result.transfers if t.outcome == "transferred"}
+    assert len(done) == 5, result.transfers
+    kinds = provenances(result.module)
+    assert all(kinds[k] == f"transferred:{t.source}:{t.trace}" for k, t in done.items())
     # the database has no record of this network's own convs: what they got came from transfer
-    assert not any(r["outcome"] == "tuned" and "conv" in r["kernel"] for r in dm.report["replay"])
+    assert not any(r.outcome == "tuned" and "conv" in r.kernel for r in result.replay)
+
+
+def test_compile_measures_transferred_against_default_and_reports(database):
+    """The default choice times each transferred kernel against its default schedule: every
+    kernel with an anchor op ends up with one of the two, as the report and the build say."""
+    assert transfer.CHOICE == "measure"
+    dm = engine.compile(make(24), Deployment(device="host"), X, database=database)
+    assert dm.report["max_rel_error"] is not None  # checked against PyTorch (refused beyond 1e-4)
+    transfers = {t["kernel"]: t for t in dm.report["transfers"]}
+    kinds = provenances(dm.module)
+    assert sum(t["outcome"] in ("transferred", "rejected") for t in transfers.values()) == 5, transfers
+    for kernel, t in transfers.items():
+        if t["outcome"] == "transferred":
+            assert kinds[kernel] == f"transferred:{t['source']}:{t['trace']}"
+        elif t["outcome"] == "rejected":
+            assert kinds[kernel].startswith("default:"), (kernel, kinds[kernel])
+    # a remote or cross build cannot time: it keeps the default rules' schedules
+    assert transfer.policy("measure", target=tvm_target(Deployment.coerce("host").spec), local=False) is None
 
 
 def test_guard_leaves_far_kernels_alone(database):
@@ -281,7 +315,7 @@ def test_measure_choice_keeps_the_faster_kernel(database):
 
     def accept(gv, original, transferred):
         # the real "measure" accept, and a record of what it decided
-        keep = transfer.faster_than_default(gv, original, transferred, target=target, default_rules=())
+        keep = transfer.faster_than_default(gv, original, transferred, target=target, default_rules=DEFAULT_RULES)
         calls.append((gv.name_hint, keep))
         return keep
 
@@ -302,7 +336,8 @@ def test_measure_choice_keeps_the_faster_kernel(database):
 @pytest.mark.slow
 def test_tuned_database_transfers_to_a_wider_network(tmp_path, monkeypatch):
     """Tune a small network for a few trials, then build a wider one with no tuning of its own:
-    its kernels get transferred schedules, match PyTorch, and beat the build without a database."""
+    its kernels get transferred schedules, match PyTorch, and beat its plain loop nests; the
+    default (measured) choice builds a network that matches PyTorch too."""
     monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "tuned"))
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     fast = tuning.TuningConfig(trials_per_iter=8, population_size=32, genetic_num_iters=1, number=2,
@@ -310,20 +345,30 @@ def test_tuned_database_transfers_to_a_wider_network(tmp_path, monkeypatch):
     with tuning.using(fast):
         engine.compile(make(16), Deployment(device="host", tuning_trials=48), x, progress=False)
     wide = make(24)
-    dm = engine.compile(wide, Deployment(device="host"), x, progress=False)
+    dm = engine.compile(wide, Deployment(device="host"), x, progress=False)  # the default choice
     assert dm.report["max_rel_error"] is not None
-    transferred = [t for t in dm.report["transfers"] if t["outcome"] == "transferred"]
-    assert any("conv2d" in t["kernel"] for t in transferred), dm.report["transfers"]
-    for t in transferred:
-        # (a kernel whose weights are re-laid out at compile time is renamed "<kernel>_prepacked")
-        func = next(f for gv, f in dm.module.functions_items() if gv.name_hint.removesuffix("_prepacked") == t["kernel"])
-        assert str(func.attrs[PROVENANCE_ATTR]).startswith("transferred:")
-    monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "empty"))
-    plain = engine.compile(wide, Deployment(device="host"), x, progress=False)
-    assert not plain.report["transfers"]
-    # fastest of a few interleaved measurements: the machine is shared
-    fastest = {"transferred": math.inf, "plain": math.inf}
+    assert any(t["outcome"] in ("transferred", "rejected") and "conv2d" in t["kernel"]
+               for t in dm.report["transfers"]), dm.report["transfers"]
+
+    deployment = Deployment.coerce("host")
+    target = tvm_target(deployment.spec, num_threads=deployment.threads)
+    mod = pipeline.prepare(frontend.lower(trace(wide, x)), deployment.spec, target)
+    db = tuning.open_snapshot(tuning.database_dir(deployment, target))
+    ref = wide(x).detach().numpy()
+    builds = {"transferred": build.build_result(mod, deployment.spec, target, db, transfer="transferred",
+                                                default_rules=()),
+              "plain": build.build_result(mod, deployment.spec, target, None, default_rules=())}
+    transferred = [t for t in builds["transferred"].transfers if t.outcome == "transferred"]
+    assert sum("conv2d" in t.kernel for t in transferred) == 3, builds["transferred"].transfers
+    kinds = provenances(builds["transferred"].module)
+    assert all(kinds[t.kernel].startswith("transferred:") for t in transferred)
+    fastest = {}
+    vms = {name: run_build(result, x) for name, result in builds.items()}
+    for name, (_, out) in vms.items():
+        assert max_rel_error(out, ref) <= 1e-4, name
+    # fastest of interleaved measurements: the machine is shared
     for _ in range(3):
-        for name, model in (("transferred", dm), ("plain", plain)):
-            fastest[name] = min(fastest[name], min(model.measure().results_ms))
+        for name, (vm, _) in vms.items():
+            t = min(vm.time_evaluator("main", tvm.cpu(), number=5, repeat=5)(tvm.runtime.tensor(x.numpy())).results)
+            fastest[name] = min(fastest.get(name, math.inf), t)
     assert fastest["transferred"] < fastest["plain"], fastest

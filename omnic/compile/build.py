@@ -145,13 +145,13 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         mod = mod_prepared
         if database is not None:
             mod, replay = _apply_database(mod, spec, target, database, failures_dir)
-            if spec.kind != "gpu" and transfer is not None:
+            choice = policy(transfer, target=target, local=spec.local, default_rules=default_rules) \
+                if spec.kind != "gpu" and transfer is not None else None
+            if choice is not None:
                 # kernels of workloads the database lacks get the trace of their nearest tuned
                 # relative (another width or resolution of the same op), before the default rules
                 with target:
-                    mod, transfers = transfer_schedules(
-                        mod, target, database, **policy(transfer, target=target, local=spec.local,
-                                                        default_rules=default_rules))
+                    mod, transfers = transfer_schedules(mod, target, database, **choice)
         if spec.kind == "gpu":
             mod = _default_gpu_schedules(mod, target)
         else:
