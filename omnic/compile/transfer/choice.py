@@ -28,6 +28,8 @@ CHOICE = "measure"
 GUARD_DISTANCE = math.log(4.0)
 #: interleaved timing rounds of the ``"measure"`` choice (the fastest of each kernel's counts)
 MEASURE_ROUNDS = 3
+#: single runs per timing, each after the kernel's weights and output are evicted from the caches
+COLD_RUNS = 5
 
 
 def policy(choice: str, *, target: tvm.target.Target, local: bool, default_rules: Sequence[Any] = ()
@@ -78,45 +80,28 @@ def faster_than_default(gv: tvm.ir.GlobalVar, original: tvm.tirx.PrimFunc, trans
     return best_ours < best_theirs
 
 
-def kernel_ms(func: tvm.tirx.PrimFunc, target: tvm.target.Target, *, repeat: int = 5,
-              min_repeat_ms: float = 2.0) -> float:
-    """Milliseconds of one kernel on this machine's CPU: the fastest of ``repeat`` timings, each
-    the mean of runs for at least ``min_repeat_ms`` (see :func:`kernel_timer`)."""
-    return kernel_timer(func, target, repeat=repeat, min_repeat_ms=min_repeat_ms)()
+def kernel_ms(func: tvm.tirx.PrimFunc, target: tvm.target.Target, *, repeat: int = COLD_RUNS) -> float:
+    """Milliseconds of one kernel on this machine's CPU (see :func:`kernel_timer`)."""
+    return kernel_timer(func, target, repeat=repeat)()
 
 
-def kernel_timer(func: tvm.tirx.PrimFunc, target: tvm.target.Target, *, repeat: int = 3,
-                 min_repeat_ms: float = 2.0) -> Callable[[], float]:
-    """Build one kernel for this machine's CPU and return a function that times it (the fastest
-    of ``repeat`` timings, each the mean of runs for at least ``min_repeat_ms``, in ms), on random
-    inputs with the weights already in the layout the kernel asks for, as after the build folds
-    their re-layout. The fastest, not the median: on a shared machine other processes only ever
-    add time."""
-    import time
-
+def kernel_timer(func: tvm.tirx.PrimFunc, target: tvm.target.Target, *, repeat: int = COLD_RUNS
+                 ) -> Callable[[], float]:
+    """Build one kernel for this machine's CPU and return a function that times it: the fastest
+    of ``repeat`` single runs, each after evicting every argument but the first (the activation)
+    from the CPU caches, as the kernel meets its weights inside a network and as the tuner
+    measures it (hot runs favour schedules that lose in the network). Random inputs, the weights
+    already in the layout the kernel asks for, as after the build folds their re-layout. The
+    fastest, not the median: on a shared machine other processes only ever add time."""
     import numpy as np
 
     from omnic.compile.tuning.builders import fast_build
 
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    kernel = fast_build(mod, target)["main"]  # without the weight re-layout block, as MetaSchedule times it
+    built = fast_build(mod, target)  # without the weight re-layout block, as MetaSchedule times it
     dev = tvm.cpu(0)
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.uniform(-1, 1, [int(d) for d in info.shape]).astype(str(info.dtype)), dev)
             for info in ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)]
-    kernel(*args)  # warm-up: first-touch of the buffers, thread pool start
-
-    def timed() -> float:
-        # a kernel call from Python costs microseconds, far below the kernels worth choosing for
-        best = math.inf
-        for _ in range(repeat):
-            runs, t0 = 0, time.perf_counter()
-            while True:
-                kernel(*args)
-                runs += 1
-                elapsed = time.perf_counter() - t0
-                if elapsed * 1e3 >= min_repeat_ms:
-                    break
-            best = min(best, elapsed * 1e3 / runs)
-        return best
-    return timed
+    timer = built.time_evaluator("main", dev, number=1, repeat=repeat, f_preproc="cache_flush_cpu_non_first_arg")
+    return lambda: float(min(timer(*args).results)) * 1e3
