@@ -333,11 +333,10 @@ def _restore_bound(sch: s_tir.Schedule, block, bound) -> None:
     predicate of a split that does not divide the reduction (the last vector would read past
     the row); TVM 0.27 has no primitive to put it back, so the realize is rebuilt.
     """
+    _binding(sch, block)  # checks the realize is the loop's body
     loop = sch.get_loops(block)[-1]
     stmt = sch.get(loop)
     realize = stmt.body
-    if not isinstance(realize, s_tir.SBlockRealize) or not realize.block.same_as(sch.get(block)):
-        raise ValueError("the rfactor block is not alone in its innermost loop")
     predicate = tirx.op.all(realize.predicate, bound) if not _is_true(realize.predicate) else bound
     new_realize = s_tir.SBlockRealize(realize.iter_values, predicate, realize.block)
     new_loop = tirx.stmt.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, new_realize,
@@ -350,14 +349,11 @@ def _is_true(expr) -> bool:
 
 
 def _binding(sch: s_tir.Schedule, block) -> list:
-    """The block's iterator values (its innermost loop's body is the block)."""
-    loops = sch.get_loops(block)
-    stmt = sch.get(loops[-1]).body
-    name = sch.get(block).name_hint
-    while not isinstance(stmt, s_tir.SBlockRealize) or stmt.block.name_hint != name:
-        stmt = stmt.body if not isinstance(stmt, tvm.tirx.stmt.SeqStmt) else next(
-            x for x in stmt.seq if name in x.script())
-    return list(stmt.iter_values)
+    """The block's iterator values (the block must be alone in its innermost loop)."""
+    realize = sch.get(sch.get_loops(block)[-1]).body
+    if not isinstance(realize, s_tir.SBlockRealize) or not realize.block.same_as(sch.get(block)):
+        raise ValueError(f"{sch.get(block).name_hint} is not alone in its innermost loop")
+    return list(realize.iter_values)
 
 
 def _root_blocks_under(sch: s_tir.Schedule, loop) -> list:
