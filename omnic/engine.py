@@ -120,12 +120,16 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     database_given = database
     if database is None:
         database, tuning_report = tuning.database_for(prepared, deployment, target, progress=progress)
+    # read after tuning: the state of the database this build applies (a caller's own database
+    # is not the device's: its builds are not keyed by the device's state)
+    db_state = tuning.state_digest(db_dir) if database_given is None else "given"
     t1 = time.perf_counter()
     # replay failures are remembered next to the device's database (not next to a caller's own)
     built = build.build_result(prepared, spec, target, database,
                                failures_dir=db_dir if database_given is None else None)
     executable, final_mod = built.executable, built.module
     scheduled, unscheduled = build.scheduled_kernels(final_mod)
+    schedules = build.kernel_schedules(final_mod)
     report = CompileReport(
         device=spec.name, precision=deployment.precision, target=str(target),
         structural_hash=traced.structural_hash, source=traced.source,
@@ -134,7 +138,10 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
         winograd_convs=winograd.count_convs(prepared),
         ops_precision={"float32" if deployment.precision == "fp32" else deployment.precision: "all"},
         prepare_s=round(t_prepare, 3), build_s=round(time.perf_counter() - t1, 3),
-        replay=built.replay, records_failed_to_replay=built.records_failed_to_replay)
+        replay=built.replay, records_failed_to_replay=built.records_failed_to_replay,
+        schedules=build.schedule_counts(schedules), kernel_schedules=schedules,
+        build_fingerprint=build.build_fingerprint(schedules), database_state=db_state,
+        transfers=built.transfers)
     dm = DeviceModel(executable=executable, deployment=deployment, input_shapes=traced.input_shapes,
                      input_dtypes=traced.input_dtypes, output_is_tuple=traced.output_is_tuple,
                      structural_hash=traced.structural_hash, report=report, module=final_mod)

@@ -93,7 +93,10 @@ def test_softmax_layernorm_mean_sum_max():
     prov = _provenance(dm)
     reductions = _kernels(prov, "softmax", "layer_norm", "mean", "sum", "max")
     assert len(reductions) >= 6, prov
-    assert set(reductions.values()) == {REDUCTION}, prov
+    # a mean over an NHWC map's spatial axes is a global pool (the pool rule runs first and takes
+    # it, channels vectorized); every other reduction is this rule's
+    assert set(reductions.values()) <= {REDUCTION, "default:pool"}, prov
+    assert sum(v == REDUCTION for v in reductions.values()) >= 5, prov
 
 
 class ConvPool(nn.Module):
@@ -110,11 +113,12 @@ class ConvPool(nn.Module):
         return self.gap(y).flatten(1) + y.mean((2, 3)) + self.pool(y).mean((2, 3))
 
 
-def test_global_average_pool_is_a_reduction_and_pools_are_left_alone():
+def test_global_average_pool_is_scheduled_and_pools_are_left_alone():
     dm = _compile(ConvPool(), torch.randn(1, 3, 17, 17))
     prov = _provenance(dm)
     means = _kernels(prov, "mean")
-    assert means and set(means.values()) == {REDUCTION}, prov
+    # NHWC global means go to the pool rule, which comes first; either way never a plain loop
+    assert means and set(means.values()) <= {REDUCTION, "default:pool"}, prov
     pools = _kernels(prov, "pool")
     assert pools and all(v != REDUCTION for v in pools.values()), prov
 

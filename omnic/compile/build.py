@@ -4,16 +4,18 @@ Also reads a build back: which kernels carry a schedule, and the device source o
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
-from omnic.compile.rules.cpu import DEFAULT_RULES, DefaultOutcome, apply_default_schedules
+from omnic.compile.rules.cpu import DEFAULT_RULES, PROVENANCE_ATTR, DefaultOutcome, apply_default_schedules
 from omnic.compile.stack_align import pipeline_for
+from omnic.compile.transfer import CHOICE, KernelTransfer, policy, transfer_schedules
 from omnic.compile.tuning.replay import KernelReplay, apply_database
 from omnic.core.errors import CompileError, describe
 from omnic.core.targets import DeviceSpec
@@ -26,6 +28,21 @@ def _apply_database(mod: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targ
     with target:
         mod, replay = apply_database(mod, target, database, failures_dir=failures_dir)
     return mod, replay
+
+
+def _uncompilable(mod: tvm.IRModule, target: tvm.target.Target, chosen: dict[str, str]) -> dict[str, str]:
+    """Kernel -> rule for the default-scheduled kernels of ``mod`` that do not lower and build on
+    their own (called only after a build failed, to find the culprits)."""
+    kernels = {gv.name_hint: func for gv, func in mod.functions_items()
+               if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint in chosen}
+    broken = {}
+    for name, func in kernels.items():
+        try:
+            tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target,
+                           pipeline=pipeline_for(target))
+        except Exception:  # noqa: BLE001 - this rule's schedule of this kernel does not build
+            broken[name] = chosen[name]
+    return broken
 
 
 def _fold_weight_layouts(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -54,12 +71,16 @@ class BuildResult:
             fallen back because none replayed (:class:`~omnic.compile.tuning.replay.KernelReplay`).
         defaults: One entry per kernel left without a schedule by the database (CPU): the
             default rule that scheduled it, or None (:class:`~omnic.compile.rules.cpu.DefaultOutcome`).
+        transfers: One entry per kernel without a record of its own (CPU, with a database): the
+            tuned workload whose re-fitted trace it got, or why none
+            (:class:`~omnic.compile.transfer.KernelTransfer`).
     """
 
     executable: Any
     module: tvm.IRModule
     replay: tuple[KernelReplay, ...] = ()
     defaults: tuple[DefaultOutcome, ...] = ()
+    transfers: tuple[KernelTransfer, ...] = ()
 
     @property
     def records_failed_to_replay(self) -> int:
@@ -88,7 +109,8 @@ def build(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targe
 
 
 def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any = None, *,
-                 failures_dir: Path | None = None, default_rules: Sequence[Any] = DEFAULT_RULES) -> BuildResult:
+                 failures_dir: Path | None = None, default_rules: Sequence[Any] = DEFAULT_RULES,
+                 transfer: str | None = CHOICE, skip: Mapping[str, frozenset[str]] | None = None) -> BuildResult:
     """:func:`build`, also saying what applying the database did to each kernel.
 
     A record that does not replay on a kernel never fails the build: the next best record is
@@ -103,6 +125,11 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
             are remembered so later builds skip them; None to remember nothing.
         default_rules: CPU: the default schedule rules for kernels the database does not
             schedule (:data:`omnic.compile.rules.cpu.DEFAULT_RULES`; empty for plain loop nests).
+        transfer: CPU, with a database: how kernels without a record of their own get the tuned
+            trace of a similar workload (one of :data:`omnic.compile.transfer.CHOICES`, weighing
+            it against the default rules), or None for no transfer-tuning.
+        skip: Kernel name -> default rules not to use on it (set when a rule's schedule of that
+            kernel did not build; the build is then retried without it).
 
     Returns:
         A :class:`BuildResult`.
@@ -112,14 +139,24 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
     """
     replay: tuple[KernelReplay, ...] = ()
     defaults: tuple[DefaultOutcome, ...] = ()
+    transfers: tuple[KernelTransfer, ...] = ()
+    scheduled_by_rules = mod_prepared
     try:
         mod = mod_prepared
         if database is not None:
             mod, replay = _apply_database(mod, spec, target, database, failures_dir)
+            if spec.kind != "gpu" and transfer is not None:
+                # kernels of workloads the database lacks get the trace of their nearest tuned
+                # relative (another width or resolution of the same op), before the default rules
+                with target:
+                    mod, transfers = transfer_schedules(
+                        mod, target, database, **policy(transfer, target=target, local=spec.local,
+                                                        default_rules=default_rules))
         if spec.kind == "gpu":
             mod = _default_gpu_schedules(mod, target)
         else:
-            mod, defaults = apply_default_schedules(mod, target, default_rules)
+            mod, defaults = apply_default_schedules(mod, target, default_rules, skip=skip)
+            scheduled_by_rules = mod
             mod = _fold_weight_layouts(mod, target)
         # Folding the layout-rewritten weights leaves each kernel's constants in a tuple that the
         # VM would build and unpack on every call (3 builtin calls per kernel): pass the constants
@@ -127,8 +164,62 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
         executable = tvm.compile(mod, target, tir_pipeline=pipeline_for(target))
     except Exception as exc:
+        chosen = {o.kernel: o.rule for o in defaults if o.rule}
+        broken = _uncompilable(scheduled_by_rules, target, chosen) if chosen else {}
+        if broken:
+            # a default schedule that does not build (a TVM lowering limit its rule did not
+            # foresee) gives way to the next rule on that kernel: it never fails the build
+            more = dict(skip or {})
+            for kernel, rule in broken.items():
+                more[kernel] = more.get(kernel, frozenset()) | {rule}
+            return build_result(mod_prepared, spec, target, database, failures_dir=failures_dir,
+                                default_rules=default_rules, transfer=transfer, skip=more)
+        if any(t.outcome == "transferred" for t in transfers):
+            # a transferred schedule that does not compile (as some candidates of a tuning run do
+            # not) costs the transfers, never the build
+            return build_result(mod_prepared, spec, target, database, failures_dir=failures_dir,
+                                default_rules=default_rules, transfer=None, skip=skip)
         raise CompileError(f"building for {spec.name} failed: {describe(exc)}") from exc
-    return BuildResult(executable=executable, module=mod, replay=replay, defaults=defaults)
+    return BuildResult(executable=executable, module=mod, replay=replay, defaults=defaults, transfers=transfers)
+
+
+#: the kinds of schedule a kernel can have, in the order reports list them
+SCHEDULE_KINDS = ("tuned", "transferred", "default", "unscheduled")
+
+
+def kernel_schedules(mod: tvm.IRModule) -> tuple[tuple[str, str], ...]:
+    """``(kernel, provenance)`` for every PrimFunc of a built module, sorted by kernel name.
+
+    Provenance is ``"tuned:<record>"`` (an exact database record), ``"transferred:<workload>:<record>"``
+    (a tuned schedule of a similar workload, re-fitted), ``"default:<rule>"`` (a default rule; GPU
+    kernels scheduled by dlight read ``"default:dlight"``) or ``"unscheduled"`` (a plain loop nest).
+    """
+    out = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        attrs = func.attrs
+        provenance = str(attrs[PROVENANCE_ATTR]) if attrs is not None and PROVENANCE_ATTR in attrs else None
+        if provenance is None:
+            scheduled = bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
+            provenance = "default:dlight" if scheduled else "unscheduled"
+        out.append((gv.name_hint, provenance))
+    return tuple(sorted(out))
+
+
+def schedule_counts(schedules: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """How many kernels have each kind of schedule (:data:`SCHEDULE_KINDS`)."""
+    counts = dict.fromkeys(SCHEDULE_KINDS, 0)
+    for _, provenance in schedules:
+        counts[provenance.split(":", 1)[0]] += 1
+    return counts
+
+
+def build_fingerprint(schedules: Sequence[tuple[str, str]]) -> str:
+    """A short hash of which schedule every kernel got: two builds of one model with equal
+    fingerprints run the same kernels."""
+    text = "\n".join(f"{kernel}={provenance}" for kernel, provenance in schedules)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def scheduled_kernels(mod: tvm.IRModule) -> tuple[list[str], list[str]]:

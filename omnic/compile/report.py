@@ -100,7 +100,7 @@ class CompileReport(_DictView):
         source: Where the model came from (``"module"``, ``"onnx"``...).
         input_shapes: The compiled input shapes.
         tuning: What tuning did (a dict, or the tuning report with its own ``to_dict()``).
-        kernels_scheduled: Kernels with a schedule (tuned, or dlight on GPUs).
+        kernels_scheduled: Kernels with a schedule (tuned, transferred or default).
         kernels_unscheduled: Kernels built as lowered.
         winograd_convs: Convs the pipeline rewrote into Winograd form.
         ops_precision: Which ops run in which precision.
@@ -116,6 +116,18 @@ class CompileReport(_DictView):
         records_failed_to_replay: Records that did not replay on a kernel of this build (a
             record of another epilogue of the same anchor op), tried now or known from an
             earlier build.
+        schedules: How many kernels are ``tuned`` (an exact database record), ``transferred``
+            (a tuned schedule of a similar workload, re-fitted), ``default`` (a rule-based
+            schedule, no trials) or ``unscheduled`` (a plain loop nest).
+        kernel_schedules: ``(kernel, provenance)`` per kernel
+            (:func:`omnic.compile.build.kernel_schedules`).
+        build_fingerprint: A hash of ``kernel_schedules``: builds of one model with the same
+            fingerprint run the same kernels.
+        database_state: Digest of the tuning database the build applied
+            (:func:`omnic.compile.tuning.state_digest`; ``"none"`` without one).
+        transfers: What transfer-tuning did, one entry per kernel the database has no record
+            for (:class:`omnic.compile.transfer.KernelTransfer`): ``"transferred"`` with the
+            source workload and record, or why not.
     """
 
     device: str
@@ -135,6 +147,11 @@ class CompileReport(_DictView):
     quantization: QuantReport | None = None
     replay: tuple[Any, ...] = ()
     records_failed_to_replay: int = 0
+    schedules: Mapping[str, int] = field(default_factory=dict)
+    kernel_schedules: tuple[tuple[str, str], ...] = ()
+    build_fingerprint: str = ""
+    database_state: str = "none"
+    transfers: tuple[Any, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

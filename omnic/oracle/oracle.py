@@ -6,6 +6,7 @@ The oracle does not know how to compile: the compile function is injected at con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import tempfile
 import threading
@@ -15,7 +16,9 @@ from omnic.compile import stack_align
 from omnic.compile.bisect import mismatch_error
 from omnic.compile.check import output_error, tolerance
 from omnic.compile.pipeline import PIPELINE_REVISION
-from omnic.compile.target import host_cpu_name
+from omnic.compile.rules.cpu import RULES_REVISION
+from omnic.compile.target import host_cpu_name, tvm_target
+from omnic.compile.tuning.database import database_dir, state_digest
 from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
 from omnic.core.errors import (DeviceUnreachableError, LeaseTimeoutError, OutputMismatchError,
@@ -60,10 +63,13 @@ def _check_record(dm: Any, deployment: Deployment) -> tuple[bool, dict[str, Any]
     """``(checked, extra)`` for a build ``compile_fn`` returned: checked when its report carries the
     output difference to PyTorch (``engine.compile`` sets it only after the check passed)."""
     report = getattr(dm, "report", None)
-    error = report.get("max_rel_error") if report is not None and hasattr(report, "get") else None
+    readable = report is not None and hasattr(report, "get")
+    error = report.get("max_rel_error") if readable else None
+    # what the build was, so a stored row says which kernels its latency is of
+    build = {k: report.get(k) for k in ("build_fingerprint", "schedules") if report.get(k)} if readable else {}
     if error is not None:
-        return True, {"checked": True, "max_rel_error": float(error)}
-    return False, {"checked": False}
+        return True, {"checked": True, "max_rel_error": float(error), **build}
+    return False, {"checked": False, **build}
 
 
 def _check_remote(dm: Any, traced: TracedModel, deployment: Deployment) -> tuple[bool, dict[str, Any]]:
@@ -79,6 +85,38 @@ def _check_remote(dm: Any, traced: TracedModel, deployment: Deployment) -> tuple
         raise mismatch_error(traced, error, tolerance=tol, precision=deployment.precision,
                              device=deployment.device, run_prefix=None)
     return True, {"checked": True, "max_rel_error": float(error), "checked_on": "remote"}
+
+
+def _tunes(deployment: Deployment) -> bool:
+    """Whether a compile for ``deployment`` tunes first (it has a tuning budget)."""
+    return deployment.tuning_trials > 0 or bool(deployment.tuning_time_s)
+
+
+def _database_state(deployment: Deployment) -> str:
+    """The digest of the device's tuning database as it is now (what a build would apply)."""
+    return state_digest(database_dir(deployment, _target(deployment.device, deployment.threads)))
+
+
+@functools.lru_cache(maxsize=64)
+def _target(device: str, threads: int | None) -> Any:
+    return tvm_target(Deployment.coerce(device).spec, num_threads=threads)
+
+
+def _built_state(dm: Any) -> str | None:
+    """The database digest a build reported (None from a compile function that does not say)."""
+    report = getattr(dm, "report", None)
+    state = report.get("database_state") if report is not None and hasattr(report, "get") else None
+    return str(state) if state else None
+
+
+def _release(dm: Any, deployment: Deployment, *, ran_remotely: bool) -> None:
+    """Give a remote build's leased server back to the farm now, not at garbage collection."""
+    if deployment.is_remote:
+        dm.runtime.close()
+        if ran_remotely:
+            # calling a remote DeviceModel (dm(x)) leaves a reference cycle that holds the RPC
+            # session, so close() alone frees the server only at the next GC
+            gc.collect()
 
 
 class Oracle:
@@ -101,8 +139,17 @@ class Oracle:
         self.fresh_measurements = 0
         self.last_batch_stats: dict[str, Any] = {}  # of the last remote measure_many
 
-    def key(self, traced: TracedModel, deployment: Deployment) -> StoreKey:
+    def key(self, traced: TracedModel, deployment: Deployment, *, database_state: str | None = None) -> StoreKey:
+        """The store key of ``traced``'s build for ``deployment``.
+
+        The build is a function of the model, the deployment (tuning budget included), the
+        compiler's revisions and the content of the device's tuning database, so the key holds
+        all of them: a stored latency answers only for the build a compile would make now.
+        ``database_state`` is the digest a build reported; default: the database's current one.
+        """
+        state = database_state if database_state is not None else _database_state(deployment)
         context = (f"threads={deployment.threads or 'default'};trials={deployment.tuning_trials}"
+                   f";time_s={deployment.tuning_time_s or 0};db={state};rules={RULES_REVISION}"
                    f";pipeline={PIPELINE_REVISION};protocol={PROTOCOL_REVISION}")
         if not stack_align.enabled():  # an A/B build without aligned stacks is a different binary
             context += ";unaligned_stack"
@@ -151,8 +198,10 @@ class Oracle:
         """
         deployment = Deployment.coerce(deployment)
         traced = model if isinstance(model, TracedModel) else trace(model, example_inputs)
-        key = self.key(traced, deployment)
-        cached = self.store.get(key)
+        # With a tuning budget the build is what the database holds *after* tuning, as in
+        # compile: tune (build) first, then look up. Without one, the current state decides.
+        key = None if _tunes(deployment) else self.key(traced, deployment)
+        cached = self.store.get(key) if key is not None else None
         if _answers(cached, deployment, check):
             return cached
         if deployment.is_remote:
@@ -162,6 +211,12 @@ class Oracle:
         extra: dict[str, Any] = {}
         try:
             dm = self.compile_fn(traced, deployment, check=check, progress=False)
+            built_key = self.key(traced, deployment, database_state=_built_state(dm))
+            if built_key != key:  # tuned just now, or the database changed since the lookup
+                key, cached = built_key, self.store.get(built_key)
+                if _answers(cached, deployment, check):
+                    _release(dm, deployment, ran_remotely=False)
+                    return cached
             ran_remotely = False
             try:
                 checked, extra = _check_record(dm, deployment)
@@ -174,16 +229,14 @@ class Oracle:
                     return dataclasses.replace(cached, checked=True)
                 measurement = dataclasses.replace(dm.measure(config or self.config), checked=checked)
             finally:
-                if deployment.is_remote:
-                    dm.runtime.close()  # give the leased server back to the farm now, not at GC
-                    if ran_remotely:
-                        # calling a remote DeviceModel (dm(x)) leaves a reference cycle that holds
-                        # the RPC session, so close() alone frees the server only at the next GC
-                        gc.collect()
+                _release(dm, deployment, ran_remotely=ran_remotely)
         except OutputMismatchError as exc:  # a wrong program: its failure is stored, never a latency
+            key = key if key is not None else self.key(traced, deployment)
             measurement = Measurement(median_ms=None, error=describe(exc), device=deployment.device, checked=True)
             extra = {"checked": True, "mismatch": True, "max_rel_error": exc.max_rel_error, "node": exc.node}
         except Exception as exc:  # noqa: BLE001 - a failed candidate is data
+            if key is None:  # the build failed before it said what it was: key it by the state now
+                key = self.key(traced, deployment)
             if isinstance(exc, DeviceUnreachableError) and not isinstance(exc, _CANDIDATE_FAULTS):
                 raise  # no device to measure on: nothing about the candidate to record
             if isinstance(exc, UnsupportedOperatorError):
@@ -233,7 +286,8 @@ class Oracle:
         groups: dict[StoreKey, list[int]] = {}
         for i, t in enumerate(traced):
             key = self.key(t, deployment)
-            cached = self.store.get(key)
+            # with a tuning budget, a stored value answers only after tuning (measure does that)
+            cached = None if _tunes(deployment) else self.store.get(key)
             if _answers(cached, deployment, check):
                 results[i] = cached
                 if on_result is not None:
@@ -255,13 +309,17 @@ class Oracle:
         servers = count_servers(deployment, batch)  # NoServerError at once on a key nobody serves
         todo = list(groups.items())
         lock = threading.Lock()
+        built_keys: dict[int, StoreKey] = {}  # the key of the build each candidate got
         with tempfile.TemporaryDirectory(prefix="omnic-batch-") as tmp:
             def prepare(j: int):
-                dm = self.compile_fn(traced[todo[j][1][0]], deployment, check=check, progress=False)
+                t = traced[todo[j][1][0]]
+                dm = self.compile_fn(t, deployment, check=check, progress=False)
+                built_keys[j] = self.key(t, deployment, database_state=_built_state(dm))
                 return export_for_upload(dm.executable, deployment, tmp), dm.input_shapes, dm.input_dtypes
 
             def store(j: int, m: Measurement, extra: dict[str, Any]) -> None:
                 key, indices = todo[j]
+                key = built_keys.get(j, key)
                 if m.ok:  # measured on the farm: the outputs were not compared here
                     m = dataclasses.replace(m, checked=False)
                     extra = {**(extra or {}), "checked": False, "unchecked": _REMOTE_UNCHECKED}

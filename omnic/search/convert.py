@@ -58,8 +58,17 @@ class ConvertConfig:
     choices: Mapping[str, Mapping[str, Sequence[int]]] = field(default_factory=dict)
 
 
+def _is_identity_module(module: nn.Module) -> bool:
+    """Whether calling ``module`` returns its input unchanged at inference (an identity shortcut
+    written as a module: ``nn.Identity()``, an empty ``nn.Sequential``, a dropout)."""
+    if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)):
+        return True
+    return isinstance(module, nn.Sequential) and all(_is_identity_module(m) for m in module)
+
+
 def _is_residual(block: nn.Module) -> bool:
-    """Whether ``block``'s input feeds an add directly (an identity shortcut)."""
+    """Whether ``block``'s input reaches an add unchanged (an identity shortcut): directly, or
+    through modules that are the identity (``self.shortcut = nn.Identity()``, the timm style)."""
     try:
         gm = fx.symbolic_trace(block)
     except Exception:  # noqa: BLE001 - an untraceable block is just not skippable
@@ -67,9 +76,16 @@ def _is_residual(block: nn.Module) -> bool:
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         return False
+    modules = dict(gm.named_modules())
     adds = {operator.add, operator.iadd, torch.add}
-    return any((u.op == "call_function" and u.target in adds) or (u.op == "call_method" and u.target in ("add", "add_"))
-               for u in inputs[0].users)
+    same = [inputs[0]]  # nodes whose value is the block's input
+    for node in same:
+        for u in node.users:
+            if (u.op == "call_function" and u.target in adds) or (u.op == "call_method" and u.target in ("add", "add_")):
+                return True
+            if u.op == "call_module" and _is_identity_module(modules[u.target]) and u not in same:
+                same.append(u)
+    return False
 
 
 def _spatial_sizes(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: Iterable[str],
@@ -351,7 +367,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConvertConfig = Conve
     inputs = as_input_tuple(example_inputs)
     if not inputs:
         raise SearchError("omnimize needs example_inputs (a tensor shaped like one input batch)")
-    model = copy.deepcopy(model).eval()
+    was_training = model.training
+    model = copy.deepcopy(model).eval()  # eval while shapes are propagated (no BN statistics updates)
     gm = symbolic_trace(model)
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
@@ -368,5 +385,8 @@ def convert(model: nn.Module, example_inputs: Any, config: ConvertConfig = Conve
     spatial, inputs, base_res = _resolution_choice(model, inputs, elastic, spatial_full, config, restrictions,
                                                    choices)
     gates = _swap_in(model, elastic, gate_plan)
-    return OmniModel(model, SearchSpace(choices), mode=config.mode, example_inputs=inputs, elastic=elastic,
+    omni = OmniModel(model, SearchSpace(choices), mode=config.mode, example_inputs=inputs, elastic=elastic,
                      gates=gates, spatial=spatial, groups=groups, base_resolution=base_res)
+    # the supernet takes the mode of the model it was made from, and export() keeps it: an eval-mode
+    # model gives eval-mode subnets (left in training mode they would use batch statistics)
+    return omni.train(was_training)

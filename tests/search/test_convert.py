@@ -169,3 +169,59 @@ def test_user_training_loop_updates_supernet_weights(digits):
             break
     assert not torch.equal(before, omni.model.stem[0].weight)
     assert "model.stem.0.weight" in omni.state_dict()
+
+
+def test_supernet_and_export_keep_the_wrapped_models_mode():
+    torch.manual_seed(0)
+    model, x = zoo.get_model("resnet_small", input_shape=(2, 3, 32, 32))
+    model.eval()
+    omni = nas.omnimize(model, example_inputs=x)
+    assert omni.training is False
+    rng = random.Random(1)
+    for _ in range(5):
+        cfg = omni.sample(rng)
+        sub = omni.export(cfg)
+        assert sub.training is False and not any(m.training for m in sub.modules())
+        with torch.no_grad(), omni.active(cfg):
+            assert torch.allclose(sub(x), omni(x), atol=1e-5, rtol=1e-5)
+    train_omni = nas.omnimize(model.train(), example_inputs=x)
+    assert train_omni.training is True and train_omni.export(train_omni.sample(rng)).training is True
+
+
+class _IdentityShortcutBlock(nn.Module):
+    """A residual block whose shortcut is a module (``nn.Identity``), as timm and many repos write it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.short = nn.Identity()
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + self.short(x))  # a trailing activation after the add
+
+
+class _IdentityShortcutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.stage = nn.Sequential(*[_IdentityShortcutBlock(16) for _ in range(3)])
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.stage(self.stem(x)).mean((2, 3)))
+
+
+def test_identity_module_shortcuts_get_depth_choices_and_export_exactly():
+    torch.manual_seed(0)
+    model = _IdentityShortcutNet()
+    with torch.no_grad():  # non-trivial BN statistics
+        model(torch.randn(8, 3, 16, 16))
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    omni = nas.omnimize(model, example_inputs=x)
+    depth = [c for c in omni.space.choices.values() if c.kind == "depth"]
+    # the first block of a stage is always kept (it may change the shape), the others may be skipped
+    assert depth and depth[0].modules == ("stage.1", "stage.2") and depth[0].values == (0, 1, 2)
+    _check_subnets(omni, x, n=8)

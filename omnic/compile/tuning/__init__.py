@@ -39,7 +39,7 @@ from __future__ import annotations
 from omnic.compile.tuning.builders import fast_build, light_tensor_intrinsics
 from omnic.compile.tuning.config import TuningConfig, using
 from omnic.compile.tuning.database import (MODULE_EQUALITY, database_dir, locked, open_database, open_snapshot,
-                                           repair_jsonl)
+                                           repair_jsonl, state_digest)
 from omnic.compile.tuning.ledger import LEDGER, LEDGER_VERSION
 from omnic.compile.tuning.replay import REPLAY_FAILURES, KernelReplay, apply_database
 from omnic.compile.tuning.report import TuningReport
@@ -47,4 +47,4 @@ from omnic.compile.tuning.run import database_for, tune
 
 __all__ = ["LEDGER", "LEDGER_VERSION", "MODULE_EQUALITY", "REPLAY_FAILURES", "KernelReplay", "TuningConfig",
            "TuningReport", "apply_database", "database_dir", "database_for", "fast_build", "light_tensor_intrinsics",
-           "locked", "open_database", "open_snapshot", "repair_jsonl", "tune", "using"]
+           "locked", "open_database", "open_snapshot", "repair_jsonl", "state_digest", "tune", "using"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import re
 import tempfile
@@ -18,6 +19,7 @@ from typing import Iterator
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
+from omnic.compile.tuning.ledger import LEDGER
 from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
 from omnic.core.errors import TuningError, describe
@@ -46,6 +48,27 @@ def database_dir(deployment: Deployment, target: tvm.target.Target) -> Path:
     parts = [deployment.device, kind, mcpu or arch, f"c{cores}" if cores else "", deployment.precision]
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p))
     return cache_root() / "tuning" / tag
+
+
+def state_digest(path: Path) -> str:
+    """A short digest of what a build takes from the database at ``path``: its records, its
+    workloads and its ledger (which decides, for one, whether convs are built as Winograd).
+
+    Builds are deterministic functions of the database's content, and the files are only ever
+    appended to or replaced, so their sizes and modification times stand for their content:
+    equal digests mean the same kernels get the same schedules. ``"none"`` when there is no
+    database. Reading three ``stat``s is cheap enough for every latency-store lookup.
+    """
+    parts = []
+    for name in (WORKLOADS, RECORDS, LEDGER):
+        try:
+            st = (Path(path) / name).stat()
+        except OSError:
+            continue
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    if not parts:
+        return "none"
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,34 @@
+"""Transfer-tuning: give a kernel the database has no record for the tuned schedule of the most
+similar workload it does have (Gibson & Cano, "Transfer-Tuning", PACT 2022).
+
+The subnets of a supernet, or a model at another width or resolution, run the same ops as the
+model that was tuned, with other channel counts and spatial sizes. Their kernels are new
+workloads to MetaSchedule's database, so an exact-record replay
+(:mod:`omnic.compile.tuning.replay`) leaves them untuned. Here every such kernel gets the trace
+of a tuned workload of its *family* (same anchor op, layouts, kernel window, stride, dilation,
+groups and dtype; any epilogue; see :func:`family_of`), nearest in loop extents first:
+
+1. The trace's sampling decisions are re-fitted to the kernel (:func:`refit_tile`): a
+   ``SamplePerfectTile`` decision must multiply to the loop's new extent, so inner factors that
+   divide what is left are kept and the others become the nearest divisor; categorical
+   decisions (unroll depth, compute locations) are kept.
+2. The trace is applied without its postprocessing part (whose fused loops and weight layouts
+   follow the old tile sizes), then MetaSchedule's postprocessors for the target run on the
+   result, as they do on every candidate during tuning.
+3. Any error tries the next record, then the next workload; a kernel that nothing fits is left
+   to the default rules.
+
+No candidate is measured (unless the ``"measure"`` choice asks for it): a kernel costs a few
+replays of a trace, milliseconds.
+"""
+from __future__ import annotations
+
+from omnic.compile.transfer.apply import ERROR_LIMIT, KernelTransfer, transfer_schedules
+from omnic.compile.transfer.choice import CHOICE, CHOICES, GUARD_DISTANCE, faster_than_default, kernel_ms, policy
+from omnic.compile.transfer.family import (MAX_RECORDS, MAX_WORKLOADS, Family, Source, distance, family_of,
+                                           index_database, nearest)
+from omnic.compile.transfer.refit import apply_refitted, refit_tile, strip_postproc
+
+__all__ = ["CHOICE", "CHOICES", "ERROR_LIMIT", "GUARD_DISTANCE", "MAX_RECORDS", "MAX_WORKLOADS", "Family",
+           "KernelTransfer", "Source", "apply_refitted", "distance", "family_of", "faster_than_default",
+           "index_database", "kernel_ms", "nearest", "policy", "refit_tile", "strip_postproc", "transfer_schedules"]
