@@ -133,6 +133,9 @@ class ReductionRule(CPURule):
             return None
         use_fast_math(sch, _root_blocks(sch))
         _inline_single_use(sch)
+        for block in _root_blocks(sch):
+            if not sch.get_loops(block):  # a scalar step: rfactor next to a loopless block fails
+                sch.add_unit_loop(block)
         parallel = num_cores(target) > 1 and _elements(func) >= PARALLEL_MIN_ELEMENTS
         lanes = vector_lanes(target, "float32")
         # where the reduced axes lie, after inlining (an inlined transpose moves them)
@@ -193,9 +196,14 @@ def _inline_single_use(sch: s_tir.Schedule) -> None:
                 pass
 
 
-def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Vectorize the block's innermost loop (split into vectors when long)."""
+def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, below=None) -> None:
+    """Vectorize the block's innermost loop (split into vectors when long); with ``below``, only
+    a loop inside that one (a block computed at a row loop may have no loop of its own)."""
     loops = sch.get_loops(block)
+    if below is not None:
+        outer = sch.get(below)
+        at = next((i for i, lp in enumerate(loops) if sch.get(lp).same_as(outer)), None)
+        loops = loops[at + 1:] if at is not None else []
     if not loops:
         return
     inner = loops[-1]
@@ -274,12 +282,11 @@ def _schedule_rows(sch: s_tir.Schedule, lanes: int, parallel: bool) -> bool:
         if name in rf_names:
             tails.append(_vectorize_rf(sch, block, lanes, rf_names[name]))
         elif name in final_names:  # the vector of partial results: a short unrolled loop
-            inner = sch.get_loops(block)
-            sch.unroll(inner[-1])
+            sch.unroll(sch.get_loops(block)[-1])
         elif 2 in _kinds(sch.get(block)):
             pass  # too short to split: LLVM unrolls it
         else:
-            _vectorize_inner(sch, block, lanes)
+            _vectorize_inner(sch, block, lanes, below=row)
     for split_tail in tails:
         if split_tail is not None:
             split_tail()
@@ -327,7 +334,7 @@ def _vectorize_rf(sch: s_tir.Schedule, rf, lanes: int, total: int):
 
 
 def _restore_bound(sch: s_tir.Schedule, block, bound) -> None:
-    """AND ``bound`` into the predicate of ``block``'s realize.
+    """Make ``bound`` the predicate of ``block``'s realize where compute_at dropped it.
 
     compute_at regenerates an rfactor block's loops over its whole iteration domain and loses the
     predicate of a split that does not divide the reduction (the last vector would read past
@@ -337,7 +344,9 @@ def _restore_bound(sch: s_tir.Schedule, block, bound) -> None:
     loop = sch.get_loops(block)[-1]
     stmt = sch.get(loop)
     realize = stmt.body
-    predicate = tirx.op.all(realize.predicate, bound) if not _is_true(realize.predicate) else bound
+    if not _is_true(realize.predicate):
+        return  # not moved by compute_at: rfactor's own predicate is still there
+    predicate = bound
     new_realize = s_tir.SBlockRealize(realize.iter_values, predicate, realize.block)
     new_loop = tirx.stmt.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, new_realize,
                              stmt.thread_binding, stmt.annotations, stmt.step)
@@ -398,7 +407,7 @@ def _schedule_blocks(sch: s_tir.Schedule, lanes: int, parallel: bool) -> None:
             follower_name = sch.get(follower).name_hint
             try:
                 sch.reverse_compute_at(follower, outer, preserve_unit_loops=True)
-                _vectorize_inner(sch, follower, lanes)
+                _vectorize_inner(sch, follower, lanes, below=outer)
                 done.add(follower_name)
             except Exception:  # noqa: BLE001 - the follower reads more than the loop makes: own loop
                 pass
@@ -467,7 +476,7 @@ def _column_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool, ca
         # accumulate a vector of the kept axis in registers over all reduced elements
         acc = sch.cache_write(block, 0, "global")
         sch.reverse_compute_at(acc, fused, preserve_unit_loops=True)
-        _vectorize_inner(sch, acc, lanes)
+        _vectorize_inner(sch, acc, lanes, below=fused)
     if n <= WHOLE_VECTOR_MAX * lanes or n % lanes == 0:
         sch.vectorize(vi)
     sch.decompose_reduction(block, reduce_loops[0])
