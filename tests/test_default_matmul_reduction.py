@@ -99,6 +99,18 @@ def test_softmax_layernorm_mean_sum_max():
     assert sum(v == REDUCTION for v in reductions.values()) >= 5, prov
 
 
+class FullMean(nn.Module):
+    def forward(self, x):
+        return x.mean((0, 1, 2)) + 1.0
+
+
+def test_a_mean_over_every_axis_with_its_epilogue():
+    # found by fuzzing: the scalar epilogue block has no loop, and rfactor beside it failed
+    dm = _compile(FullMean(), torch.randn(18, 9, 12))
+    means = _kernels(_provenance(dm), "mean")
+    assert means and set(means.values()) == {REDUCTION}, means
+
+
 class ConvPool(nn.Module):
     """Global average pooling of NHWC conv output (a mean over H, W), next to a max pool."""
 
@@ -148,6 +160,8 @@ def test_activation_operand_with_k_innermost_is_repacked_per_call():
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
     sch = MatmulRule().apply(_transposed_bmm(), target, False)
     assert sch is not None
+    # a deterministic function of the kernel and the target
+    tvm.ir.assert_structural_equal(sch.mod, MatmulRule().apply(_transposed_bmm(), target, False).mod)
     lib = tvm.compile(sch.mod, target=target)
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 19, 24), "float32"), rng.standard_normal((3, 37, 24), "float32")
