@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from omnic import engine
 
@@ -192,7 +192,11 @@ def test_kernels_schedule_and_build_for_aarch64(model_input):
 
     from omnic.compile import frontend, pipeline
     from omnic.compile.build import _fold_weight_layouts
-    from omnic.compile.rules.cpu import DEFAULT_RULES, apply_default_schedules, vector_lanes
+    from omnic.compile.rules.cpu import (
+        DEFAULT_RULES,
+        apply_default_schedules,
+        vector_lanes,
+    )
     from omnic.compile.target import tvm_target
     from omnic.core.deployment import Deployment
     from omnic.core.ir import trace

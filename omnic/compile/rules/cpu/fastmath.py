@@ -22,7 +22,7 @@ _BINARY = (prim.Add, prim.Sub, prim.Mul, prim.Div, prim.Max, prim.Min, prim.Floo
            prim.Mod, prim.LShift, prim.RShift, prim.BitwiseAnd, prim.BitwiseOr, prim.BitwiseXor)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template(op_name: str):
     """TOPI's fp32 formula for ``op_name`` as an expression of a one-element buffer load."""
     a = te.placeholder((1,), "float32", name="a")

@@ -7,7 +7,9 @@ broadcasting around them (``max -> exp -> sum -> divide``, ``sum -> mean -> var 
 - **rows** (the reduced axes are the innermost of the data, e.g. softmax over the last axis, layer
   norm, ``x.mean(-1)``): every block moves under one parallel loop over the rows, so a row is
   read while in cache; each reduction is split into vector-wide partial results (``rfactor``)
-  that are combined at the end of the row, and the elementwise blocks are vectorized.
+  that are combined at the end of the row (a partial last vector runs on its own, predicated),
+  and the elementwise blocks are vectorized. Per-row intermediates stay on the stack; rows too
+  wide for it are taken a few at a time per scratch allocation.
 - **columns** (a reduced axis is outside a kept one, e.g. NHWC global average pooling,
   ``x.mean(1)`` of ``(B, N, C)``, softmax over NCHW channels): each block on its own, the
   contiguous kept axis split into vectors and innermost, the reduced loops around it and the
@@ -145,7 +147,7 @@ class ReductionRule(CPURule):
             try:
                 if _schedule_rows(rows, lanes, parallel):
                     return rows
-            except Exception:  # noqa: BLE001 - a kernel the row schedule does not fit: per block
+            except Exception:  # noqa: BLE001, S110 - a kernel the row schedule does not fit: per block
                 pass
         _schedule_blocks(sch, lanes, parallel)
         return sch
@@ -182,7 +184,7 @@ def _inline_single_use(sch: s_tir.Schedule) -> None:
                 sch.compute_inline(block)
                 changed = True
                 break
-            except Exception:  # noqa: BLE001 - not inlinable (e.g. a non-trivial layout): keep it
+            except Exception:  # noqa: BLE001, S112 - not inlinable (e.g. a non-trivial layout): keep it
                 continue
     # an elementwise tail (a broadcast_to or reshape after the last step) into its producer
     blocks = _root_blocks(sch)
@@ -192,7 +194,7 @@ def _inline_single_use(sch: s_tir.Schedule) -> None:
         if len(producers) == 1 and 2 not in _kinds(sch.get(producers[0])):
             try:
                 sch.reverse_compute_inline(last)
-            except Exception:  # noqa: BLE001 - keep the tail as its own loop
+            except Exception:  # noqa: BLE001, S110 - keep the tail as its own loop
                 pass
 
 
@@ -250,6 +252,8 @@ def _leading_spatial(kinds: list[int]) -> int:
 
 
 def _schedule_rows(sch: s_tir.Schedule, lanes: int, parallel: bool) -> bool:
+    """Every block under one (parallel) loop over the rows the blocks share; False when the
+    kernel has no such rows (then nothing was changed)."""
     blocks = _root_blocks(sch)
     lead = min(_leading_spatial(_kinds(sch.get(b))) for b in blocks)
     if lead < 1 or 2 in _kinds(sch.get(blocks[-1])):
@@ -409,7 +413,7 @@ def _schedule_blocks(sch: s_tir.Schedule, lanes: int, parallel: bool) -> None:
                 sch.reverse_compute_at(follower, outer, preserve_unit_loops=True)
                 _vectorize_inner(sch, follower, lanes, below=outer)
                 done.add(follower_name)
-            except Exception:  # noqa: BLE001 - the follower reads more than the loop makes: own loop
+            except Exception:  # noqa: BLE001, S110 - the follower reads more than the loop makes: own loop
                 pass
 
 
