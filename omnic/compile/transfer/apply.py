@@ -53,8 +53,6 @@ class KernelTransfer:
         return asdict(self)
 
 
-
-
 def transfer_schedules(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database, *,
                        max_distance: float = math.inf, accept: Callable[..., bool] | None = None,
                        index: dict[str, tuple[Source, ...]] | None = None,
