@@ -8,11 +8,12 @@ the inside out: one vector of the innermost output axis (unrolled instead when t
 vector), loops in the output's order, and the leading loops fused into one parallel loop when
 the kernel has enough work to pay for waking the other threads. A transpose whose innermost
 output axis is not the innermost axis of its input is tiled in 2-D, so that both the rows it
-reads and the rows it writes stay in cache.
+reads and the rows it writes stay in cache. fp32 ``exp``, ``erf`` and ``sigmoid`` (GELU, SiLU)
+become vector polynomials (:mod:`~omnic.compile.rules.cpu.fastmath`).
 
 The rule never gives up on a kernel it takes: when a step does not fit (a shape it did not
-foresee, a schedule primitive that refuses), it retries with fewer steps, down to the inlined
-kernel with its outer loop parallel.
+foresee, a schedule primitive that refuses), it retries with fewer steps, down to the kernel's
+own blocks with their outer loops parallel.
 """
 from __future__ import annotations
 
