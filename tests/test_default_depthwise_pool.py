@@ -102,6 +102,9 @@ def test_pools_build_from_the_rule_and_match_torch():
 
 
 def test_the_schedules_are_vectorized_register_tiles_with_the_epilogue_fused():
+    import tvm
+    import tvm_ffi
+
     from omnic.compile import frontend, pipeline
     from omnic.compile.rules.cpu import DepthwiseNHWC, Pool, apply_default_schedules
     from omnic.compile.target import tvm_target
@@ -111,19 +114,24 @@ def test_the_schedules_are_vectorized_register_tiles_with_the_epilogue_fused():
     model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Hardswish(),
                           nn.MaxPool2d(3, 2, 1)).eval()
     spec = Deployment.coerce("host").spec
-    target = tvm_target(spec, num_threads=2)
-    mod = pipeline.prepare(frontend.lower(trace(model, torch.randn(1, 3, 16, 16))), spec, target)
-    mod, outcomes = apply_default_schedules(mod, target, (DepthwiseNHWC(), Pool()))
+    prepared = pipeline.prepare(frontend.lower(trace(model, torch.randn(1, 3, 16, 16))), spec,
+                                tvm_target(spec, num_threads=2))
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 4})
+    mod, outcomes = apply_default_schedules(prepared, avx2, (DepthwiseNHWC(), Pool()))
     by_rule = {o.rule: o.kernel for o in outcomes if o.rule}
     assert set(by_rule) == {"depthwise_nhwc", "pool"}, outcomes
     conv = mod[by_rule["depthwise_nhwc"]].script()
     # one kernel: the weight re-layout (folded at build time), then the tiles, nothing at the root
     assert "meta_schedule.layout_rewrite_preproc" in conv
-    assert "T.parallel" in conv and "T.vectorized" in conv and "T.unroll" in conv
+    assert "T.parallel" in conv and "T.unroll" in conv
+    assert "T.vectorized(T.int64(8))" in conv and "T.vectorized(T.int64(16))" not in conv  # AVX2: 8 lanes
     assert conv.count('scope="local"') == 1  # the accumulator tile
     assert "pad_temp" not in conv and "T_add_intermediate" not in conv  # padding and epilogue fused
     pool = mod[by_rule["pool"]].script()
     assert "T.vectorized" in pool and "pad_temp" not in pool
+    # a deterministic function of the kernel and the target
+    again, _ = apply_default_schedules(prepared, avx2, (DepthwiseNHWC(), Pool()))
+    assert all(tvm_ffi.structural_equal(mod[name], again[name]) for name in by_rule.values())
 
 
 def test_the_rules_build_for_an_aarch64_target():

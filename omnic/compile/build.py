@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import tvm
 from tvm import relax
@@ -28,6 +28,21 @@ def _apply_database(mod: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targ
     with target:
         mod, replay = apply_database(mod, target, database, failures_dir=failures_dir)
     return mod, replay
+
+
+def _uncompilable(mod: tvm.IRModule, target: tvm.target.Target, chosen: dict[str, str]) -> dict[str, str]:
+    """Kernel -> rule for the default-scheduled kernels of ``mod`` that do not lower and build on
+    their own (called only after a build failed, to find the culprits)."""
+    kernels = {gv.name_hint: func for gv, func in mod.functions_items()
+               if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint in chosen}
+    broken = {}
+    for name, func in kernels.items():
+        try:
+            tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target,
+                           pipeline=pipeline_for(target))
+        except Exception:  # noqa: BLE001 - this rule's schedule of this kernel does not build
+            broken[name] = chosen[name]
+    return broken
 
 
 def _fold_weight_layouts(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -95,7 +110,7 @@ def build(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targe
 
 def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any = None, *,
                  failures_dir: Path | None = None, default_rules: Sequence[Any] = DEFAULT_RULES,
-                 transfer: str | None = CHOICE) -> BuildResult:
+                 transfer: str | None = CHOICE, skip: Mapping[str, frozenset[str]] | None = None) -> BuildResult:
     """:func:`build`, also saying what applying the database did to each kernel.
 
     A record that does not replay on a kernel never fails the build: the next best record is
@@ -113,6 +128,8 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         transfer: CPU, with a database: how kernels without a record of their own get the tuned
             trace of a similar workload (one of :data:`omnic.compile.transfer.CHOICES`, weighing
             it against the default rules), or None for no transfer-tuning.
+        skip: Kernel name -> default rules not to use on it (set when a rule's schedule of that
+            kernel did not build; the build is then retried without it).
 
     Returns:
         A :class:`BuildResult`.
@@ -123,6 +140,7 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
     replay: tuple[KernelReplay, ...] = ()
     defaults: tuple[DefaultOutcome, ...] = ()
     transfers: tuple[KernelTransfer, ...] = ()
+    scheduled_by_rules = mod_prepared
     try:
         mod = mod_prepared
         if database is not None:
@@ -137,7 +155,8 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         if spec.kind == "gpu":
             mod = _default_gpu_schedules(mod, target)
         else:
-            mod, defaults = apply_default_schedules(mod, target, default_rules)
+            mod, defaults = apply_default_schedules(mod, target, default_rules, skip=skip)
+            scheduled_by_rules = mod
             mod = _fold_weight_layouts(mod, target)
         # Folding the layout-rewritten weights leaves each kernel's constants in a tuple that the
         # VM would build and unpack on every call (3 builtin calls per kernel): pass the constants
@@ -145,11 +164,21 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
         executable = tvm.compile(mod, target, tir_pipeline=pipeline_for(target))
     except Exception as exc:
+        chosen = {o.kernel: o.rule for o in defaults if o.rule}
+        broken = _uncompilable(scheduled_by_rules, target, chosen) if chosen else {}
+        if broken:
+            # a default schedule that does not build (a TVM lowering limit its rule did not
+            # foresee) gives way to the next rule on that kernel: it never fails the build
+            more = dict(skip or {})
+            for kernel, rule in broken.items():
+                more[kernel] = more.get(kernel, frozenset()) | {rule}
+            return build_result(mod_prepared, spec, target, database, failures_dir=failures_dir,
+                                default_rules=default_rules, transfer=transfer, skip=more)
         if any(t.outcome == "transferred" for t in transfers):
             # a transferred schedule that does not compile (as some candidates of a tuning run do
             # not) costs the transfers, never the build
             return build_result(mod_prepared, spec, target, database, failures_dir=failures_dir,
-                                default_rules=default_rules, transfer=None)
+                                default_rules=default_rules, transfer=None, skip=skip)
         raise CompileError(f"building for {spec.name} failed: {describe(exc)}") from exc
     return BuildResult(executable=executable, module=mod, replay=replay, defaults=defaults, transfers=transfers)
 

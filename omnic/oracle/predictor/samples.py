@@ -209,8 +209,16 @@ def _measure_session(sample: dict[str, Any], executable: Any, deployment: Any, *
     hook_ms = min(builtin_per_call) if builtin_per_call else 0.0
     first = sample["sessions"] == 0
     missing = []
+    # a kernel of the prepared module that the build folded away (an op on constants only, folded
+    # with the weight re-layouts) never runs: it costs nothing and is no sample of a kernel's time
+    folded = [k["name"] for k in sample["kernels"]
+              if k["name"] not in rows and f"{k['name']}_prepacked" not in rows]
+    if folded:
+        sample["kernels"] = [k for k in sample["kernels"] if k["name"] not in folded]
+        sample["folded_kernels"] = sorted(set(sample.get("folded_kernels", [])) | set(folded))
     for k in sample["kernels"]:
-        r = rows.get(k["name"])
+        # a kernel whose weight re-layout the build split out and folded runs as "<name>_prepacked"
+        r = rows.get(k["name"]) or rows.get(f"{k['name']}_prepacked")
         if r is None or not r["calls"]:
             missing.append(k["name"])
             k.setdefault("ms_per_call", None)

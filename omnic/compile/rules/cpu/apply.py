@@ -7,7 +7,7 @@ which rule scheduled each kernel, which it reports and fingerprints.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import tvm
 
@@ -39,7 +39,8 @@ def is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
     return bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
 
 
-def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target, rules: Sequence[CPURule]
+def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target, rules: Sequence[CPURule], *,
+                            skip: Mapping[str, frozenset[str]] | None = None
                             ) -> tuple[tvm.IRModule, tuple[DefaultOutcome, ...]]:
     """Schedule each unscheduled PrimFunc of ``mod`` with the first of ``rules`` that applies.
 
@@ -47,6 +48,7 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target, rules:
         mod: A module whose PrimFuncs are the kernels (scheduled ones are left alone).
         target: The CPU target.
         rules: Tried in order; the first that returns a schedule wins.
+        skip: Kernel name -> names of rules not to use on it (their schedule did not compile).
 
     Returns:
         ``(module, outcomes)``: scheduled kernels carry ``tirx.is_scheduled`` and
@@ -60,6 +62,9 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target, rules:
             continue
         chosen, errors = None, []
         for rule in rules:
+            if skip and rule.name in skip.get(gv.name_hint, ()):
+                errors.append(f"{rule.name}: its schedule did not compile")
+                continue
             try:
                 sch = rule.apply(func, target, False)
                 if isinstance(sch, (list, tuple)):

@@ -1,11 +1,11 @@
 """Default schedule of dense and grouped NHWC conv2d kernels (OHWI weights) and their epilogues.
 
 The classic direct convolution: the weight is re-laid out so that a block of output channels is
-innermost (``[O/t, KH, KW, I, t]``), each task of the parallel loop computes a register tile of
-(a few output pixels of one row) x (a few vectors of output channels) held in a local
-accumulator, the reduction over (kh, kw, ci) runs outside that tile with the pixel loop unrolled
-and the channel loop vectorized, and the fused epilogue (bias, activation, residual add...) is
-applied to the tile while it is still in registers.
+innermost (``[O/t, KH, KW, I, t]``); the output is computed in register tiles of (a few output
+pixels of one row) x (a few vectors of output channels) held in a local accumulator, the
+reduction over (kh, kw, ci) running outside the tile with the pixel loop unrolled and the channel
+loop vectorized; the parallel loop runs over (channel blocks x rows); and the fused epilogue
+(bias, activation, residual add...) is applied to each tile while it is still in registers.
 
 When the weight is a layout-free constant, its re-layout is marked as layout-rewrite
 preprocessing, which the build splits out and folds at compile time.
@@ -40,7 +40,7 @@ class ConvInfo:
     kernel_w: int
     in_c_per_group: int
     groups: int
-    weight_index: int  # position of the weight among the conv block's reads
+    weight: tirx.Buffer
     weight_param: int | None  # position of the weight among the PrimFunc's params
 
     @property
@@ -111,7 +111,7 @@ def _analyse(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, func: tirx.Pri
         if param.same_as(weight):
             weight_param = p
     return ConvInfo(batch=n, out_h=oh, out_w=ow, out_c=oc, kernel_h=kh, kernel_w=kw, in_c_per_group=ic,
-                    groups=groups, weight_index=weight_index, weight_param=weight_param)
+                    groups=groups, weight=weight, weight_param=weight_param)
 
 
 def _choose_channels(per_group: int, lanes: int) -> tuple[int, int]:
@@ -176,9 +176,10 @@ def _is_layout_free(func: tirx.PrimFunc, param: int | None) -> bool:
 
 def _pack_weight(sch: s_tir.Schedule, conv, info: ConvInfo, tile: Tile, constant: bool) -> None:
     t = tile.channels
-    packed = sch.cache_read(conv, info.weight_index, "global")
-    sch.transform_layout(conv, ("read", info.weight_index),
-                         lambda o, h, w, i: (o // t, h, w, i, o % t))
+    # found again: inlining the padding may have moved the weight among the reads
+    index = next(i for i, region in enumerate(sch.get(conv).reads) if region.source.same_as(info.weight))
+    packed = sch.cache_read(conv, index, "global")
+    sch.transform_layout(conv, ("read", index), lambda o, h, w, i: (o // t, h, w, i, o % t))
     if constant:
         sch.annotate(packed, LAYOUT_REWRITE_PREPROC, True)
     else:
@@ -249,9 +250,9 @@ def _schedule(func: tirx.PrimFunc, target: tvm.target.Target, fuse_epilogue: boo
         outer = [n, fo, h]
     fk, fv = sch.split(fi, [tile.blocks, tile.vector])
     sch.reorder(*outer, wo, rh, rw, rc, wi, fk, fv)
-    # each task of the parallel loop is one row of register tiles (outermost: the channel blocks,
-    # so a thread keeps to the weights of its blocks; the tiles of a row stay a loop of their own,
-    # which lets LLVM hoist the padding checks of a conv that reads through its padding); a conv
+    # each task of the parallel loop is one row of register tiles, channel blocks outermost so
+    # that a thread keeps to the weights of its blocks (the tiles of a row stay a serial loop:
+    # fused into the parallel loop, convs reading through their padding ran 3x slower); a conv
     # too small to amortise waking the thread pool runs on one thread
     par = sch.fuse(*outer)
     parallel = num_cores(target) > 1 and info.macs >= PARALLEL_MIN_MACS

@@ -158,12 +158,18 @@ def parallel_rows(sch: s_tir.Schedule, loops: list[LoopRV]) -> LoopRV:
     return fused
 
 
-def vectorize_tile(sch: s_tir.Schedule, block: SBlockRV) -> None:
-    """Vectorize the innermost loop of ``block`` and unroll the one above it (a tile's pixels)."""
+def vectorize_tile(sch: s_tir.Schedule, block: SBlockRV, anchor: LoopRV) -> None:
+    """Vectorize the innermost loop of ``block`` and unroll its other loops below ``anchor`` (the
+    loop the block was computed at: what is below it is one register tile)."""
     loops = sch.get_loops(block)
-    sch.vectorize(loops[-1])
-    if len(loops) > 1 and (extent(sch, loops[-2]) or 0) > 1:
-        sch.unroll(loops[-2])
+    at = sch.get(anchor)
+    below = loops[next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(at)) + 1:]
+    if not below:
+        return
+    sch.vectorize(below[-1])
+    for lp in below[:-1]:
+        if (extent(sch, lp) or 0) > 1:
+            sch.unroll(lp)
 
 
 class DepthwiseNHWC(CPURule):
@@ -209,6 +215,6 @@ class DepthwiseNHWC(CPURule):
             sch.unroll(lp)
         sch.vectorize(lane)
         init = sch.decompose_reduction(conv, rc)
-        vectorize_tile(sch, init)
-        vectorize_tile(sch, epilogue)
+        vectorize_tile(sch, init, tile)
+        vectorize_tile(sch, epilogue, tile)
         return sch

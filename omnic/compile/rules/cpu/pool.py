@@ -201,6 +201,6 @@ class Pool(CPURule):
             sch.set_scope(reduction, 0, "local")
         sch.reverse_compute_at(epilogue, anchor)
         init = sch.decompose_reduction(reduction, window[0])
-        vectorize_tile(sch, init)
-        vectorize_tile(sch, epilogue)
+        vectorize_tile(sch, init, anchor)
+        vectorize_tile(sch, epilogue, anchor)
         return sch
