@@ -28,8 +28,9 @@ from omnic.core.ir import trace
 class Net(nn.Module):
     """A MobileNet-like block at width ``w``: 3x3 stem, depthwise 3x3, pointwise 1x1, classifier."""
 
-    def __init__(self, w: int = 16):
+    def __init__(self, w: int = 16, pw_relu: bool = True):
         super().__init__()
+        self.pw_relu = pw_relu
         self.stem = nn.Conv2d(3, w, 3, stride=2, padding=1)
         self.dw = nn.Conv2d(w, w, 3, padding=1, groups=w)
         self.pw = nn.Conv2d(w, 2 * w, 1)
@@ -38,13 +39,13 @@ class Net(nn.Module):
     def forward(self, x):
         x = torch.relu(self.stem(x))
         x = torch.clamp(self.dw(x), 0, 6)
-        x = torch.relu(self.pw(x))
+        x = torch.relu(self.pw(x)) if self.pw_relu else self.pw(x)
         return self.fc(x.mean((2, 3)))
 
 
-def make(w: int) -> nn.Module:
+def make(w: int, pw_relu: bool = True) -> nn.Module:
     torch.manual_seed(w)
-    return Net(w).eval()
+    return Net(w, pw_relu).eval()
 
 
 def prepared(model: nn.Module, x: torch.Tensor) -> tuple[tvm.IRModule, tvm.target.Target]:
@@ -109,6 +110,10 @@ def test_refit_keeps_what_fits_and_the_inner_factors_that_divide():
     assert transfer.refit_tile((2, 1, 16, 1), 24, 64) == (2, 1, 12, 1)
     # a larger extent goes to the outermost factor
     assert transfer.refit_tile((2, 1, 16, 1), 64, 64) == (4, 1, 16, 1)
+    # a new innermost factor fills whole vectors: 12 of 16 lanes, not 24 (a vector and a half)
+    assert transfer.refit_tile((1, 1, 1, 32), 24, 64, lanes=16) == (2, 1, 1, 12)
+    assert transfer.refit_tile((1, 1, 1, 32), 96, 64, lanes=16) == (3, 1, 1, 32)  # 32 divides 96: kept
+    assert transfer.refit_tile((1, 1, 1, 32), 48, 64, lanes=16) == (1, 1, 1, 48)  # three vectors
     # the innermost factor respects the sampler's bound
     assert transfer.refit_tile((1, 64), 96, 16) == (6, 16)
     assert transfer.refit_tile((1, 64), 128, 16)[-1] <= 16
@@ -121,7 +126,7 @@ def test_refit_random_decisions():
         decision = tuple(rng.choice((1, 2, 3, 4, 7, 8, 16)) for _ in range(n))
         extent = rng.randint(1, 2000)
         cap = rng.choice((0, 16, 64))
-        fitted = transfer.refit_tile(decision, extent, cap)
+        fitted = transfer.refit_tile(decision, extent, cap, lanes=rng.choice((None, 8, 16)))
         assert math.prod(fitted) == extent
         assert cap == 0 or fitted[-1] <= cap
 
@@ -149,6 +154,27 @@ def test_families_match_across_widths_and_keep_ops_apart():
     # another input resolution: same families, other extents
     other = families(prepared_net(16, 48)[0])
     assert {f.key for f in other.values()} == set(by_key)
+
+
+def test_nearest_prefers_near_sources_that_were_tuned_well():
+    kernel = transfer.Family(key="k", extents=(1, 3, 3, 240, 720), blocks=frozenset({"conv", "add"}))
+
+    def source(name, extents, gflops, blocks=("conv", "add"), key="k"):
+        return transfer.Source(workload=name, family=transfer.Family(key=key, extents=extents, blocks=frozenset(blocks)),
+                               records=(), gflops=gflops)
+
+    index = {"k": (source("a", (1, 3, 3, 320, 960), 36.0), source("b", (1, 3, 3, 160, 576), 96.0),
+                   source("c", (1, 3, 3, 160, 960), 95.0), source("d", (1, 6, 6, 960, 160), 500.0)),
+             "other": (source("e", (1, 3, 3, 240, 720), 99.0, key="other"),)}
+    ranked = [s.workload for _, s in transfer.nearest(kernel, index)]
+    # the three nearest (d is far) ; a, the nearest, was tuned to a third of the others' speed
+    assert ranked == ["b", "c", "a"]
+    assert [round(d, 3) for d, _ in transfer.nearest(kernel, index)] == [0.629, 0.693, 0.575]
+    assert [s.workload for _, s in transfer.nearest(kernel, index, max_distance=0.6)] == ["a"]
+    # equally tuned: nearest first, and the same epilogue first among equals
+    even = {"k": (source("x", (1, 3, 3, 240, 360), 50.0, blocks=("conv",)),
+                  source("y", (1, 3, 3, 240, 360), 50.0), source("z", (1, 3, 3, 240, 180), 50.0))}
+    assert [s.workload for _, s in transfer.nearest(kernel, even)] == ["y", "x", "z"]
 
 
 def test_window_and_stride_are_part_of_the_family():
@@ -197,6 +223,30 @@ def test_transfer_schedules_refits_every_tile_to_the_kernel(database):
         assert all(p in extents for p in products), (name, products, extents)
     # the untransferred kernels are the ones without an anchor op (layout transposes)
     assert all(o.outcome == "no-anchor" for o in outcomes if o.kernel not in done)
+
+
+def tile_products(sch) -> list[int]:
+    return sorted(math.prod(int(f) for f in sch.trace.get_decision(inst))
+                  for inst in sch.trace.insts if inst.kind.name == "SamplePerfectTile")
+
+
+def test_another_epilogue_gets_the_anchor_trace_refitted(database):
+    """A pointwise conv without the ReLU its source had: the trace is applied to the anchor conv
+    (MetaSchedule's anchor-trace replay), its tiles re-fitted to the wider conv."""
+    mod, target = prepared(make(24, pw_relu=False), X)
+    with target:
+        out, outcomes = transfer.transfer_schedules(mod, target, database)
+    (pw,) = [o for o in outcomes if o.kernel.startswith("fused_conv2d2")]
+    assert pw.outcome == "transferred" and "relu" not in pw.kernel, outcomes
+    family = transfer.family_of(mod[pw.kernel])
+    source = next(s for s in transfer.index_database(database)[family.key] if s.workload == pw.source)
+    assert source.family.blocks != family.blocks  # another epilogue: the anchor path
+    sch = transfer.apply_refitted(mod[pw.kernel], transfer.strip_postproc(source.records[pw.record].trace), target,
+                                  same_blocks=False, lanes=16)
+    anchor = tvm.s_tir.analysis.find_anchor_sblock(tvm.IRModule({"main": mod[pw.kernel]}))
+    assert tile_products(sch) == sorted(int(iv.dom.extent) for iv in anchor.iter_vars)
+    dm = engine.compile(make(24, pw_relu=False), Deployment(device="host"), X, database=database)
+    assert dm.report["max_rel_error"] is not None
 
 
 def test_compile_with_transfer_matches_pytorch_and_reports(database):

@@ -10,16 +10,20 @@ groups and dtype; any epilogue; see :func:`family_of`), nearest in loop extents 
 
 1. The trace's sampling decisions are re-fitted to the kernel (:func:`refit_tile`): a
    ``SamplePerfectTile`` decision must multiply to the loop's new extent, so inner factors that
-   divide what is left are kept and the others become the nearest divisor; categorical
-   decisions (unroll depth, compute locations) are kept.
+   divide what is left are kept and the others become the nearest divisor (a new innermost
+   factor fills whole vectors); the constant tiles of omnic's own rules are re-fitted the same
+   way; categorical decisions (unroll depth, compute locations) are kept.
 2. The trace is applied without its postprocessing part (whose fused loops and weight layouts
    follow the old tile sizes), then MetaSchedule's postprocessors for the target run on the
    result, as they do on every candidate during tuning.
 3. Any error tries the next record, then the next workload; a kernel that nothing fits is left
    to the default rules.
 
-No candidate is measured (unless the ``"measure"`` choice asks for it): a kernel costs a few
-replays of a trace, milliseconds.
+No candidate is measured: a kernel costs a few replays of a trace (tens of milliseconds).
+Whether a transferred schedule or the default rules' one wins a kernel is the build's
+:data:`CHOICE` (:mod:`~omnic.compile.transfer.choice`): keep every transfer, keep only near ones,
+or time both at build time. ``build.build_result`` runs :func:`transfer_schedules` on CPU
+targets between the exact-record replay and the default rules.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 
 from omnic.compile.rules.cpu.apply import is_scheduled
-from omnic.compile.rules.cpu.base import PROVENANCE_ATTR
+from omnic.compile.rules.cpu.base import PROVENANCE_ATTR, vector_lanes
 from omnic.compile.transfer.family import Source, family_of, index_database, nearest
 from omnic.compile.transfer.refit import apply_refitted, strip_postproc
 from omnic.compile.tuning.replay import _trace_key
@@ -104,12 +104,13 @@ def _transfer_one(gv: tvm.ir.GlobalVar, func: tvm.tirx.PrimFunc, target: tvm.tar
     if not sources:
         return KernelTransfer(kernel=kernel, outcome="no-source"), None
     tried, error, last = 0, None, None
+    lanes = vector_lanes(target, family.dtype)
     for dist, source in sources:
         for rank, record in enumerate(source.records):
             tried += 1
             last = (source.workload, round(dist, 4))
             try:
-                sch = apply_refitted(func, strip_postproc(record.trace), target,
+                sch = apply_refitted(func, strip_postproc(record.trace), target, lanes=lanes,
                                      same_blocks=source.family.blocks == family.blocks)
                 scheduled = sch.mod["main"]
             except Exception as exc:  # noqa: BLE001 - any replay error means: try the next trace

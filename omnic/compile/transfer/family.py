@@ -12,7 +12,7 @@ import tvm
 import tvm_ffi
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.analysis import find_anchor_sblock
+from tvm.s_tir.analysis import estimate_tir_flops, find_anchor_sblock
 
 #: nearest workloads of a kernel's family tried, nearest first
 MAX_WORKLOADS = 3
@@ -35,22 +35,30 @@ class Family:
         extents: The anchor block's remaining loop extents, in iterator order: what
             :func:`distance` compares within a family.
         blocks: Names of every block of the kernel (its epilogue included).
+        dtype: The anchor's output dtype.
     """
 
     key: str
     extents: tuple[int, ...]
     blocks: frozenset[str]
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Source:
-    """A tuned workload of the database, with its records best first."""
+    """A tuned workload of the database.
+
+    Attributes:
+        workload: Short hash of the workload's module.
+        family: Its family.
+        records: Its best records, best first.
+        gflops: The throughput its best record was measured at (0 when unknown).
+    """
 
     workload: str
     family: Family
     records: tuple[ms.database.TuningRecord, ...]
-
-
+    gflops: float = 0.0
 
 
 def family_of(func: tvm.tirx.PrimFunc) -> Family | None:
@@ -97,7 +105,7 @@ def family_of(func: tvm.tirx.PrimFunc) -> Family | None:
              ",".join(f"{b.dtype}/{len(b.shape)}" for b in buffers), ";".join(annotations), "\n".join(body)]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     return Family(key=key, extents=tuple(int(e) for k, e in enumerate(extents) if k not in window),
-                  blocks=block_names(func))
+                  blocks=block_names(func), dtype=str(block.writes[0].source.dtype) if block.writes else "float32")
 
 
 def distance(a: Family, b: Family) -> float:
@@ -123,8 +131,6 @@ def block_names(func: tvm.tirx.PrimFunc) -> frozenset[str]:
     return frozenset(names)
 
 
-
-
 def index_database(database: ms.database.Database, *, records: int = MAX_RECORDS) -> dict[str, tuple[Source, ...]]:
     """The database's tuned workloads by family key, each with its ``records`` best records.
 
@@ -146,21 +152,40 @@ def index_database(database: ms.database.Database, *, records: int = MAX_RECORDS
         scored.sort(key=lambda item: item[0])
         name = f"{tvm_ffi.structural_hash(workload.mod) & 0xFFFFFFFFFFFFFFFF:016x}"
         index.setdefault(family.key, []).append(
-            Source(workload=name, family=family, records=tuple(r for _, r in scored[:records])))
+            Source(workload=name, family=family, records=tuple(r for _, r in scored[:records]),
+                   gflops=_flops(workload.mod) / scored[0][0] / 1e9))
     return {key: tuple(sorted(group, key=lambda s: s.workload)) for key, group in index.items()}
 
 
 def nearest(family: Family, index: dict[str, tuple[Source, ...]], *, count: int = MAX_WORKLOADS,
             max_distance: float = math.inf) -> list[tuple[float, Source]]:
     """The ``count`` workloads of ``family`` nearest to it in ``index`` (within ``max_distance``),
-    nearest first; a source with the kernel's very blocks first among equals."""
-    ranked = []
+    as ``(distance, source)``, best first.
+
+    Best is nearest, less what a source's tuning is worth: among the ``count`` nearest, each
+    ranks by its distance plus ``log(best / own)`` of the throughput its best record reached
+    (``best``: the highest among them). A short tuning budget leaves some tasks barely searched,
+    and a slightly farther source that was tuned well then makes the better trace. Among equals,
+    a source with the kernel's very blocks (same epilogue) comes first.
+    """
+    near = []
     for source in index.get(family.key, ()):
         d = distance(family, source.family)
         if d <= max_distance:
             penalty = 0.0 if source.family.blocks == family.blocks else EPILOGUE_PENALTY
-            ranked.append((d + penalty, source.workload, d, source))
+            near.append((d + penalty, source.workload, d, source))
+    near = sorted(near, key=lambda item: item[:2])[:count]
+    best = max((s.gflops for *_, s in near), default=0.0)
+    ranked = [(score + (math.log(best / s.gflops) if 0 < s.gflops < best else 0.0), name, d, s)
+              for score, name, d, s in near]
     ranked.sort(key=lambda item: item[:2])
-    return [(d, source) for _, _, d, source in ranked[:count]]
+    return [(d, source) for _, _, d, source in ranked]
+
+
+def _flops(mod: tvm.IRModule) -> float:
+    try:
+        return float(estimate_tir_flops(mod))
+    except Exception:  # noqa: BLE001 - no arithmetic to count: throughput is not compared
+        return 0.0
 
 
