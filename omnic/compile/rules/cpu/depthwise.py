@@ -24,7 +24,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-from omnic.compile.rules.cpu.base import CPURule, num_cores, vector_lanes
+from omnic.compile.rules.cpu.base import CPURule, accumulate_in_registers, num_cores, vector_lanes
 from omnic.compile.rules.utils import REDUCTION, SPATIAL, extent, iter_kinds
 
 #: the annotation MetaSchedule's RewriteLayout puts on a weight re-layout block; the build splits
@@ -206,11 +206,7 @@ class DepthwiseNHWC(CPURule):
         for producer in before:
             sch.compute_inline(producer)
 
-        if epilogue is None:
-            epilogue = sch.cache_write(conv, 0, "local")
-        else:
-            sch.set_scope(conv, 0, "local")
-        sch.reverse_compute_at(epilogue, tile)
+        epilogue = accumulate_in_registers(sch, conv, epilogue, tile)
         for lp in (ry, rx, w_inner):
             sch.unroll(lp)
         sch.vectorize(lane)

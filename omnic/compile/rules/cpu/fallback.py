@@ -5,8 +5,9 @@ elementwise steps of a softmax or a norm into each other), gives each block left
 spatial the injective rule's schedule, and fuses the spatial loops that lead each other block (a
 reduction) into one parallel loop, in front of its reduction loops. A kernel dlight's analysis
 cannot read (blocks nested in blocks, as an adaptive pool with uneven windows lowers to) gets the
-same parallel loop over each top-level block. No vectors or tiles for reductions: their own rules
-do that; this one only makes sure no kernel stays a single-threaded loop nest.
+same parallel loop over each top-level block. fp32 ``exp`` / ``erf`` / ``sigmoid`` become vector
+polynomials (:mod:`~omnic.compile.rules.cpu.fastmath`). No vectors or tiles for reductions: their
+own rules do that; this one only makes sure no kernel stays a single-threaded loop nest.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from omnic.compile.rules.cpu.base import CPURule, num_cores
+from omnic.compile.rules.cpu.fastmath import use_fast_math
 from omnic.compile.rules.cpu.injective import (PARALLEL_MIN_WORK, SBlockRV, get_block_realize, inline_all,
                                                is_spatial_block, parallelize, schedule_spatial_block,
                                                static_extent)
@@ -91,6 +93,10 @@ def schedule_any_kernel(func: tirx.PrimFunc, target: tvm.target.Target, *, inlin
     for block in blocks:
         if not (is_spatial_block(sch, block) and _schedule_spatial(sch, block, target)):
             parallel_leading_spatial(sch, block, cores)
+    try:
+        use_fast_math(sch, blocks)  # exp / erf / sigmoid as vector polynomials, not libm calls
+    except Exception:  # noqa: BLE001, S110 - a body the swap cannot rebuild keeps libm's functions
+        pass
     return sch
 
 

@@ -1,4 +1,4 @@
-"""Vectorizable ``exp`` and ``erf`` for the default CPU schedules.
+"""Vectorizable ``exp``, ``erf`` and ``sigmoid`` for the default CPU schedules.
 
 LLVM lowers TIR's fp32 ``exp`` and ``erf`` to a libm call per element, which no schedule can
 vectorize: a softmax spends most of its time in ``expf`` and a GELU epilogue in ``erff``. TVM's
@@ -18,11 +18,14 @@ from tvm.ir.expr import TensorLoad
 
 #: the TIR intrinsics replaced, with the TOPI function that computes each
 FAST_FUNCTIONS = {"tirx.exp": topi.fast_exp, "tirx.erf": topi.fast_erf}
+#: how the replaced intrinsics print in TVMScript (a body without any is left alone); a sigmoid
+#: becomes ``1 / (1 + exp(-x))`` with the fast ``exp`` (TVM lowers it so later, with libm's)
+_SCRIPT_NAMES = ("T.exp(", "T.erf(", "T.sigmoid(")
 _BINARY = (prim.Add, prim.Sub, prim.Mul, prim.Div, prim.Max, prim.Min, prim.FloorDiv, prim.FloorMod,
            prim.Mod, prim.LShift, prim.RShift, prim.BitwiseAnd, prim.BitwiseOr, prim.BitwiseXor)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template(op_name: str):
     """TOPI's fp32 formula for ``op_name`` as an expression of a one-element buffer load."""
     a = te.placeholder((1,), "float32", name="a")
@@ -85,18 +88,24 @@ def fast(op_name: str, x):
 def _swap(expr):
     def on_call(call, args):
         name = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
-        if name in FAST_FUNCTIONS and str(call.ty.dtype) == "float32":
+        if str(call.ty.dtype) != "float32":
+            return None
+        if name in FAST_FUNCTIONS:
             return fast(name, args[0])
+        if name == "tirx.sigmoid":
+            one = tirx.const(1.0, "float32")
+            return prim.Div(one, prim.Add(one, fast("tirx.exp", prim.Sub(tirx.const(0.0, "float32"), args[0]))))
         return None
 
-    if not any(name in expr.script() for name in ("T.exp(", "T.erf(")):
+    if not any(name in expr.script() for name in _SCRIPT_NAMES):
         return expr
 
     return _rebuild(expr, on_call, lambda load: load)
 
 
 def use_fast_math(sch: s_tir.Schedule, blocks) -> int:
-    """Replace fp32 ``exp`` / ``erf`` in the bodies of ``blocks`` by TOPI's polynomials.
+    """Replace fp32 ``exp`` / ``erf`` / ``sigmoid`` in the bodies of ``blocks`` by TOPI's
+    polynomials.
 
     Returns how many blocks changed. A block whose body this module cannot rebuild is left as
     it is (still correct, only slower).
@@ -108,7 +117,7 @@ def use_fast_math(sch: s_tir.Schedule, blocks) -> int:
         if not isinstance(body, tirx.BufferStore):
             continue
         text = body.value.script()
-        if "T.exp(" not in text and "T.erf(" not in text:
+        if not any(name in text for name in _SCRIPT_NAMES):
             continue
         value = _swap(body.value)
         if value is None:

@@ -8,11 +8,12 @@ the inside out: one vector of the innermost output axis (unrolled instead when t
 vector), loops in the output's order, and the leading loops fused into one parallel loop when
 the kernel has enough work to pay for waking the other threads. A transpose whose innermost
 output axis is not the innermost axis of its input is tiled in 2-D, so that both the rows it
-reads and the rows it writes stay in cache.
+reads and the rows it writes stay in cache. fp32 ``exp``, ``erf`` and ``sigmoid`` (GELU, SiLU)
+become vector polynomials (:mod:`~omnic.compile.rules.cpu.fastmath`).
 
 The rule never gives up on a kernel it takes: when a step does not fit (a shape it did not
-foresee, a schedule primitive that refuses), it retries with fewer steps, down to the inlined
-kernel with its outer loop parallel.
+foresee, a schedule primitive that refuses), it retries with fewer steps, down to the kernel's
+own blocks with their outer loops parallel.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tvm.ir.prim import expr as prim
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from omnic.compile.rules.cpu.base import CPURule, num_cores, vector_lanes
+from omnic.compile.rules.cpu.fastmath import use_fast_math
 
 #: work (elements written, weighted by :func:`element_cost`) a block must do before its loops are
 #: split across threads: below that, waking the other threads costs more than the work they share
@@ -362,9 +364,21 @@ def _plans(target: tvm.target.Target) -> list[Callable[[s_tir.Schedule, SBlockRV
             lambda s, b: schedule_spatial_block(s, b, target, vectorize=False)]
 
 
-def schedule_spatial_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+def _fast_math(sch: s_tir.Schedule, blocks: Sequence[SBlockRV]) -> None:
+    try:
+        use_fast_math(sch, blocks)
+    except Exception:  # noqa: BLE001 - a body the swap cannot rebuild keeps libm's functions
+        return
+
+
+def schedule_spatial_kernel(func: tirx.PrimFunc, target: tvm.target.Target, *,
+                            fast_math: bool = True) -> s_tir.Schedule | None:
     """The schedule of a kernel whose blocks are all spatial, or None when it has another kind
-    of block (a reduction) or is not in a form the schedule can read."""
+    of block (a reduction) or is not in a form the schedule can read.
+
+    With ``fast_math``, fp32 ``exp`` / ``erf`` / ``sigmoid`` become TOPI's vector polynomials
+    (:mod:`~omnic.compile.rules.cpu.fastmath`) instead of a libm call per element.
+    """
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None or not all(is_spatial_block(sch, info.block_rv) for info in infos):
@@ -379,6 +393,8 @@ def schedule_spatial_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> s
                     infos = inline_all(sch, infos)
                 for info in infos:
                     plan(sch, info.block_rv)
+                if fast_math:  # after the plan, whose thread count counts the calls' cost
+                    _fast_math(sch, [info.block_rv for info in infos])
                 return sch
             except Exception:  # a step that does not fit: try a plainer schedule
                 if k == len(plans) - 1 and not inline:

@@ -23,7 +23,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-from omnic.compile.rules.cpu.base import CPURule, vector_lanes
+from omnic.compile.rules.cpu.base import CPURule, accumulate_in_registers, vector_lanes
 from omnic.compile.rules.cpu.depthwise import (channel_lanes, fuse_epilogue, position, root_blocks, vectorize_tile,
                                                width_tile)
 from omnic.compile.rules.marking import POOL_RULES
@@ -195,11 +195,7 @@ class Pool(CPURule):
                 sch.unroll(lp)
         sch.unroll(tile)
         sch.vectorize(lane)
-        if epilogue is None:
-            epilogue = sch.cache_write(reduction, 0, "local")
-        else:
-            sch.set_scope(reduction, 0, "local")
-        sch.reverse_compute_at(epilogue, anchor)
+        epilogue = accumulate_in_registers(sch, reduction, epilogue, anchor)
         init = sch.decompose_reduction(reduction, window[0])
         vectorize_tile(sch, init, anchor)
         vectorize_tile(sch, epilogue, anchor)

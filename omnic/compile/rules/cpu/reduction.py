@@ -7,7 +7,9 @@ broadcasting around them (``max -> exp -> sum -> divide``, ``sum -> mean -> var 
 - **rows** (the reduced axes are the innermost of the data, e.g. softmax over the last axis, layer
   norm, ``x.mean(-1)``): every block moves under one parallel loop over the rows, so a row is
   read while in cache; each reduction is split into vector-wide partial results (``rfactor``)
-  that are combined at the end of the row, and the elementwise blocks are vectorized.
+  that are combined at the end of the row (a partial last vector runs on its own, predicated),
+  and the elementwise blocks are vectorized. Per-row intermediates stay on the stack; rows too
+  wide for it are taken a few at a time per scratch allocation.
 - **columns** (a reduced axis is outside a kept one, e.g. NHWC global average pooling,
   ``x.mean(1)`` of ``(B, N, C)``, softmax over NCHW channels): each block on its own, the
   contiguous kept axis split into vectors and innermost, the reduced loops around it and the
@@ -133,6 +135,9 @@ class ReductionRule(CPURule):
             return None
         use_fast_math(sch, _root_blocks(sch))
         _inline_single_use(sch)
+        for block in _root_blocks(sch):
+            if not sch.get_loops(block):  # a scalar step: rfactor next to a loopless block fails
+                sch.add_unit_loop(block)
         parallel = num_cores(target) > 1 and _elements(func) >= PARALLEL_MIN_ELEMENTS
         lanes = vector_lanes(target, "float32")
         # where the reduced axes lie, after inlining (an inlined transpose moves them)
@@ -142,7 +147,7 @@ class ReductionRule(CPURule):
             try:
                 if _schedule_rows(rows, lanes, parallel):
                     return rows
-            except Exception:  # noqa: BLE001 - a kernel the row schedule does not fit: per block
+            except Exception:  # noqa: BLE001, S110 - a kernel the row schedule does not fit: per block
                 pass
         _schedule_blocks(sch, lanes, parallel)
         return sch
@@ -179,7 +184,7 @@ def _inline_single_use(sch: s_tir.Schedule) -> None:
                 sch.compute_inline(block)
                 changed = True
                 break
-            except Exception:  # noqa: BLE001 - not inlinable (e.g. a non-trivial layout): keep it
+            except Exception:  # noqa: BLE001, S112 - not inlinable (e.g. a non-trivial layout): keep it
                 continue
     # an elementwise tail (a broadcast_to or reshape after the last step) into its producer
     blocks = _root_blocks(sch)
@@ -189,13 +194,18 @@ def _inline_single_use(sch: s_tir.Schedule) -> None:
         if len(producers) == 1 and 2 not in _kinds(sch.get(producers[0])):
             try:
                 sch.reverse_compute_inline(last)
-            except Exception:  # noqa: BLE001 - keep the tail as its own loop
+            except Exception:  # noqa: BLE001, S110 - keep the tail as its own loop
                 pass
 
 
-def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Vectorize the block's innermost loop (split into vectors when long)."""
+def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, below=None) -> None:
+    """Vectorize the block's innermost loop (split into vectors when long); with ``below``, only
+    a loop inside that one (a block computed at a row loop may have no loop of its own)."""
     loops = sch.get_loops(block)
+    if below is not None:
+        outer = sch.get(below)
+        at = next((i for i, lp in enumerate(loops) if sch.get(lp).same_as(outer)), None)
+        loops = loops[at + 1:] if at is not None else []
     if not loops:
         return
     inner = loops[-1]
@@ -242,6 +252,8 @@ def _leading_spatial(kinds: list[int]) -> int:
 
 
 def _schedule_rows(sch: s_tir.Schedule, lanes: int, parallel: bool) -> bool:
+    """Every block under one (parallel) loop over the rows the blocks share; False when the
+    kernel has no such rows (then nothing was changed)."""
     blocks = _root_blocks(sch)
     lead = min(_leading_spatial(_kinds(sch.get(b))) for b in blocks)
     if lead < 1 or 2 in _kinds(sch.get(blocks[-1])):
@@ -274,12 +286,11 @@ def _schedule_rows(sch: s_tir.Schedule, lanes: int, parallel: bool) -> bool:
         if name in rf_names:
             tails.append(_vectorize_rf(sch, block, lanes, rf_names[name]))
         elif name in final_names:  # the vector of partial results: a short unrolled loop
-            inner = sch.get_loops(block)
-            sch.unroll(inner[-1])
+            sch.unroll(sch.get_loops(block)[-1])
         elif 2 in _kinds(sch.get(block)):
             pass  # too short to split: LLVM unrolls it
         else:
-            _vectorize_inner(sch, block, lanes)
+            _vectorize_inner(sch, block, lanes, below=row)
     for split_tail in tails:
         if split_tail is not None:
             split_tail()
@@ -327,18 +338,19 @@ def _vectorize_rf(sch: s_tir.Schedule, rf, lanes: int, total: int):
 
 
 def _restore_bound(sch: s_tir.Schedule, block, bound) -> None:
-    """AND ``bound`` into the predicate of ``block``'s realize.
+    """Make ``bound`` the predicate of ``block``'s realize where compute_at dropped it.
 
     compute_at regenerates an rfactor block's loops over its whole iteration domain and loses the
     predicate of a split that does not divide the reduction (the last vector would read past
     the row); TVM 0.27 has no primitive to put it back, so the realize is rebuilt.
     """
+    _binding(sch, block)  # checks the realize is the loop's body
     loop = sch.get_loops(block)[-1]
     stmt = sch.get(loop)
     realize = stmt.body
-    if not isinstance(realize, s_tir.SBlockRealize) or not realize.block.same_as(sch.get(block)):
-        raise ValueError("the rfactor block is not alone in its innermost loop")
-    predicate = tirx.op.all(realize.predicate, bound) if not _is_true(realize.predicate) else bound
+    if not _is_true(realize.predicate):
+        return  # not moved by compute_at: rfactor's own predicate is still there
+    predicate = bound
     new_realize = s_tir.SBlockRealize(realize.iter_values, predicate, realize.block)
     new_loop = tirx.stmt.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, new_realize,
                              stmt.thread_binding, stmt.annotations, stmt.step)
@@ -350,14 +362,11 @@ def _is_true(expr) -> bool:
 
 
 def _binding(sch: s_tir.Schedule, block) -> list:
-    """The block's iterator values (its innermost loop's body is the block)."""
-    loops = sch.get_loops(block)
-    stmt = sch.get(loops[-1]).body
-    name = sch.get(block).name_hint
-    while not isinstance(stmt, s_tir.SBlockRealize) or stmt.block.name_hint != name:
-        stmt = stmt.body if not isinstance(stmt, tvm.tirx.stmt.SeqStmt) else next(
-            x for x in stmt.seq if name in x.script())
-    return list(stmt.iter_values)
+    """The block's iterator values (the block must be alone in its innermost loop)."""
+    realize = sch.get(sch.get_loops(block)[-1]).body
+    if not isinstance(realize, s_tir.SBlockRealize) or not realize.block.same_as(sch.get(block)):
+        raise ValueError(f"{sch.get(block).name_hint} is not alone in its innermost loop")
+    return list(realize.iter_values)
 
 
 def _root_blocks_under(sch: s_tir.Schedule, loop) -> list:
@@ -402,9 +411,9 @@ def _schedule_blocks(sch: s_tir.Schedule, lanes: int, parallel: bool) -> None:
             follower_name = sch.get(follower).name_hint
             try:
                 sch.reverse_compute_at(follower, outer, preserve_unit_loops=True)
-                _vectorize_inner(sch, follower, lanes)
+                _vectorize_inner(sch, follower, lanes, below=outer)
                 done.add(follower_name)
-            except Exception:  # noqa: BLE001 - the follower reads more than the loop makes: own loop
+            except Exception:  # noqa: BLE001, S110 - the follower reads more than the loop makes: own loop
                 pass
 
 
@@ -471,7 +480,7 @@ def _column_reduction(sch: s_tir.Schedule, block, lanes: int, parallel: bool, ca
         # accumulate a vector of the kept axis in registers over all reduced elements
         acc = sch.cache_write(block, 0, "global")
         sch.reverse_compute_at(acc, fused, preserve_unit_loops=True)
-        _vectorize_inner(sch, acc, lanes)
+        _vectorize_inner(sch, acc, lanes, below=fused)
     if n <= WHOLE_VECTOR_MAX * lanes or n % lanes == 0:
         sch.vectorize(vi)
     sch.decompose_reduction(block, reduce_loops[0])
