@@ -31,8 +31,11 @@ def test_call_sites_follow_the_call_order_and_sum_into_kernels(resnet_small):
     assert [k["total_ms"] for k in kernels] == sorted((k["total_ms"] for k in kernels), reverse=True)
     first = {k["name"]: k["first_call"] for k in kernels}
     assert all(first[s["name"]] <= s["index"] for s in sites)
-    # whole-model time is at least the sum of the fastest calls (each call's fastest is a lower bound)
-    assert sum(s["fastest_ms"] for s in sites) <= 1.5 * dm.measure().median_ms
+    # whole-model time is about the sum of the fastest calls (each call's fastest is a lower bound
+    # of its cost), plus a few microseconds a call: with the hook's Python between two calls the
+    # runtime's worker threads go back to sleep and each parallel kernel pays their wake-up, which
+    # is most of a call when the kernels take microseconds
+    assert sum(s["fastest_ms"] for s in sites) <= 1.5 * dm.measure().median_ms + 0.005 * len(sites)
 
 
 def test_every_ort_conv_pairs_with_the_omnic_kernel_of_the_same_weight(resnet_small):

@@ -5,6 +5,7 @@ remote results can be checked against local ones and against PyTorch.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -15,6 +16,7 @@ from torch import nn
 
 import omnic
 from omnic import engine
+from omnic.compile import build
 from omnic.compile.runtime import LocalRuntime
 from omnic.core.errors import DeviceUnreachableError
 from omnic.core.measure import MeasureConfig
@@ -46,7 +48,8 @@ class TwoConv(nn.Module):
 
 
 class Heavy(nn.Module):
-    """Seconds per run on one untuned thread: stands in for a kernel that hangs."""
+    """Seconds per run as plain loop nests (built without the default schedules): stands in for a
+    kernel that hangs."""
 
     def __init__(self):
         super().__init__()
@@ -193,7 +196,9 @@ def test_server_killed_during_batch_the_batch_completes(rpc_farm, tmp_path, monk
 
 
 @pytest.mark.slow
-def test_a_candidate_past_its_timeout_is_marked_failed_and_the_batch_goes_on(rpc_farm, tmp_path):
+def test_a_candidate_past_its_timeout_is_marked_failed_and_the_batch_goes_on(rpc_farm, tmp_path, monkeypatch):
+    # plain loop nests: the default schedules run Heavy in tens of milliseconds
+    monkeypatch.setattr(build, "build_result", functools.partial(build.build_result, default_rules=()))
     oracle = Oracle(LatencyStore(tmp_path / "lat.sqlite"), QUICK, compile_fn=engine.compile)
     heavy = Heavy().eval()
     models = [_model(4), heavy, _model(6)]

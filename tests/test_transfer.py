@@ -336,39 +336,49 @@ def test_measure_choice_keeps_the_faster_kernel(database):
 @pytest.mark.slow
 def test_tuned_database_transfers_to_a_wider_network(tmp_path, monkeypatch):
     """Tune a small network for a few trials, then build a wider one with no tuning of its own:
-    its kernels get transferred schedules, match PyTorch, and beat its plain loop nests; the
-    default (measured) choice builds a network that matches PyTorch too."""
+    a kernel gets a transferred schedule only where its source's tuning beat the source's default
+    schedule and the transferred kernel, timed here, beats its own default schedule; the build
+    matches PyTorch and is not slower than the build without a database."""
     monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "tuned"))
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     fast = tuning.TuningConfig(trials_per_iter=8, population_size=32, genetic_num_iters=1, number=2,
                                min_repeat_ms=5, cold_cache_repeats=0, cost_model="random")
     with tuning.using(fast):
-        engine.compile(make(16), Deployment(device="host", tuning_trials=48), x, progress=False)
+        source = engine.compile(make(16), Deployment(device="host", tuning_trials=48), x, progress=False)
+    per_task = source.report["tuning"]["per_task"]
+    # every conv task's default schedule was timed before its first trial
+    assert all(t["default_ms"] and t["default_ms"] > 0 for t in per_task if "conv2d" in t["name"]), per_task
+    beaten = {t["name"] for t in per_task if t["best_ms"] is not None and t["default_ms"] is not None
+              and t["best_ms"] < t["default_ms"]}
+    # the tuned network itself: a record only where it beat the default
+    for r in source.report["replay"]:
+        assert r["outcome"] in ("tuned", "default", "fallback")
     wide = make(24)
     dm = engine.compile(wide, Deployment(device="host"), x, progress=False)  # the default choice
     assert dm.report["max_rel_error"] is not None
-    assert any(t["outcome"] in ("transferred", "rejected") and "conv2d" in t["kernel"]
-               for t in dm.report["transfers"]), dm.report["transfers"]
-
-    deployment = Deployment.coerce("host")
-    target = tvm_target(deployment.spec, num_threads=deployment.threads)
-    mod = pipeline.prepare(frontend.lower(trace(wide, x)), deployment.spec, target)
-    db = tuning.open_snapshot(tuning.database_dir(deployment, target))
-    ref = wide(x).detach().numpy()
-    builds = {"transferred": build.build_result(mod, deployment.spec, target, db, transfer="transferred",
-                                                default_rules=()),
-              "plain": build.build_result(mod, deployment.spec, target, None, default_rules=())}
-    transferred = [t for t in builds["transferred"].transfers if t.outcome == "transferred"]
-    assert sum("conv2d" in t.kernel for t in transferred) == 3, builds["transferred"].transfers
-    kinds = provenances(builds["transferred"].module)
-    assert all(kinds[t.kernel].startswith("transferred:") for t in transferred)
-    fastest = {}
-    vms = {name: run_build(result, x) for name, result in builds.items()}
-    for name, (_, out) in vms.items():
-        assert max_rel_error(out, ref) <= 1e-4, name
-    # fastest of interleaved measurements: the machine is shared
+    outcomes = {t["kernel"]: t["outcome"] for t in dm.report["transfers"]}
+    assert set(outcomes.values()) <= {"transferred", "rejected", "default", "no-anchor", "failed"}, outcomes
+    assert sum(o in ("transferred", "rejected", "default") for o in outcomes.values()) >= 4, outcomes
+    if not beaten:
+        assert "transferred" not in outcomes.values(), (per_task, outcomes)
+    for t in dm.report["transfers"]:
+        # (a kernel whose weights are re-laid out at compile time is renamed "<kernel>_prepacked")
+        func = next(f for gv, f in dm.module.functions_items() if gv.name_hint.removesuffix("_prepacked") == t["kernel"])
+        kind = str(func.attrs[PROVENANCE_ATTR]).split(":")[0]
+        assert kind == ("transferred" if t["outcome"] == "transferred" else "default"), (t, kind)
+    monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "empty"))
+    plain = engine.compile(wide, Deployment(device="host"), x, progress=False)
+    assert not plain.report["transfers"]
+    # fastest of a few interleaved measurements: the machine is shared. Each transferred kernel
+    # was timed against its default at build time; the bound leaves room for timing noise and
+    # catches a build that copies lost tuning (2.7-4x slower than the defaults before the choice
+    # was timed and the ledger kept the default times)
+    fastest = {"transferred": math.inf, "plain": math.inf}
     for _ in range(3):
-        for name, (vm, _) in vms.items():
-            t = min(vm.time_evaluator("main", tvm.cpu(), number=5, repeat=5)(tvm.runtime.tensor(x.numpy())).results)
-            fastest[name] = min(fastest.get(name, math.inf), t)
-    assert fastest["transferred"] < fastest["plain"], fastest
+        for name, model in (("transferred", dm), ("plain", plain)):
+            fastest[name] = min(fastest[name], min(model.measure().results_ms))
+    assert fastest["transferred"] < 1.3 * fastest["plain"], fastest
+    # the choices were remembered: the same build again times nothing and is the same build
+    monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "tuned"))
+    again = engine.compile(wide, Deployment(device="host"), x, progress=False)
+    assert again.report["build_fingerprint"] == dm.report["build_fingerprint"]

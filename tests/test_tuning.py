@@ -139,7 +139,10 @@ def test_time_budget_tunes_heaviest_first_then_stops(fresh_cache):
     assert len(tuned) == 1 and tuned[0] is rep["per_task"][0]  # the heaviest task, one batch
     assert dm.report["max_rel_error"] <= 1e-4
     ledger = json.loads((Path(rep["database"]) / tuning.LEDGER).read_text())
-    assert [e["complete"] for e in ledger["tasks"].values()] == [False]
+    assert [e["complete"] for e in ledger["tasks"].values() if e["trials"]] == [False]
+    # every planned task's default schedule was timed before the first trial (a task with no
+    # trials yet stays new: its ledger entry holds only that time)
+    assert all(e.get("default_ms") for e in ledger["tasks"].values() if "conv2d" in e["name"])
 
 
 _CHILD = textwrap.dedent("""

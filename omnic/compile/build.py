@@ -16,17 +16,20 @@ from tvm.s_tir import dlight as dl
 from omnic.compile.rules.cpu import DEFAULT_RULES, PROVENANCE_ATTR, DefaultOutcome, apply_default_schedules
 from omnic.compile.stack_align import pipeline_for
 from omnic.compile.transfer import CHOICE, KernelTransfer, policy, transfer_schedules
+from omnic.compile.tuning.defaults import baselines
 from omnic.compile.tuning.replay import KernelReplay, apply_database
 from omnic.core.errors import CompileError, describe
 from omnic.core.targets import DeviceSpec
 
 
-def _apply_database(mod: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any,
-                    failures_dir: Path | None) -> tuple[tvm.IRModule, tuple[KernelReplay, ...]]:
+def _apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: Any, failures_dir: Path | None,
+                    defaults: Mapping[str, float], skip: Mapping[str, frozenset[str]] | None
+                    ) -> tuple[tvm.IRModule, tuple[KernelReplay, ...]]:
     # kernel by kernel rather than TVM's MetaScheduleApplyDatabase, which ends the build at the
     # first record that does not replay (a record of another epilogue of the same conv)
     with target:
-        mod, replay = apply_database(mod, target, database, failures_dir=failures_dir)
+        mod, replay = apply_database(mod, target, database, failures_dir=failures_dir, defaults=defaults,
+                                     records_only=frozenset(skip or ()))
     return mod, replay
 
 
@@ -144,14 +147,17 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
     try:
         mod = mod_prepared
         if database is not None:
-            mod, replay = _apply_database(mod, spec, target, database, failures_dir)
-            choice = policy(transfer, target=target, local=spec.local, default_rules=default_rules) \
-                if spec.kind != "gpu" and transfer is not None else None
+            # the default schedules' times, measured when the tasks were tuned: a record or a
+            # transfer is used only where tuning beat them
+            timed = baselines(failures_dir) if spec.kind != "gpu" and default_rules else {}
+            mod, replay = _apply_database(mod, target, database, failures_dir, timed, skip)
+            choice = policy(transfer, target=target, local=spec.local, default_rules=default_rules,
+                            memo_dir=failures_dir) if spec.kind != "gpu" and transfer is not None else None
             if choice is not None:
                 # kernels of workloads the database lacks get the trace of their nearest tuned
                 # relative (another width or resolution of the same op), before the default rules
                 with target:
-                    mod, transfers = transfer_schedules(mod, target, database, **choice)
+                    mod, transfers = transfer_schedules(mod, target, database, defaults=timed, **choice)
         if spec.kind == "gpu":
             mod = _default_gpu_schedules(mod, target)
         else:

@@ -22,19 +22,22 @@ groups and dtype; any epilogue; see :func:`family_of`), nearest in loop extents 
 Finding a transferred schedule measures nothing: a kernel costs a few replays of a trace (tens
 of milliseconds). Whether it or the default rules' schedule runs is the build's :data:`CHOICE`
 (:mod:`~omnic.compile.transfer.choice`): keep every transfer, keep only near ones, or time both
-kernels at build time (the default, on this machine's CPU). ``build.build_result`` runs
-:func:`transfer_schedules` on CPU targets between the exact-record replay and the default rules.
+kernels at build time (the default, on this machine's CPU; each decision is remembered next to
+the database, so the next build of the kernel times nothing). Kernels whose nearest relative's
+tuning did not beat its default schedule (the ledger's ``default_ms``) keep their default.
+``build.build_result`` runs :func:`transfer_schedules` on CPU targets between the exact-record
+replay and the default rules.
 """
 from __future__ import annotations
 
 from omnic.compile.transfer.apply import ERROR_LIMIT, KernelTransfer, transfer_schedules
-from omnic.compile.transfer.choice import (CHOICE, CHOICES, GUARD_DISTANCE, MEASURE_ROUNDS, faster_than_default,
-                                           kernel_ms, kernel_timer, policy)
+from omnic.compile.transfer.choice import (CHOICE, CHOICES, DECISIONS, GUARD_DISTANCE, MEASURE_ROUNDS,
+                                           faster_than_default, kernel_ms, kernel_timer, policy)
 from omnic.compile.transfer.family import (MAX_RECORDS, MAX_WORKLOADS, Family, Source, distance, family_of,
                                            index_database, nearest)
 from omnic.compile.transfer.refit import apply_refitted, refit_tile, strip_postproc
 
-__all__ = ["CHOICE", "CHOICES", "ERROR_LIMIT", "GUARD_DISTANCE", "MAX_RECORDS", "MAX_WORKLOADS", "MEASURE_ROUNDS",
+__all__ = ["CHOICE", "CHOICES", "DECISIONS", "ERROR_LIMIT", "GUARD_DISTANCE", "MAX_RECORDS", "MAX_WORKLOADS", "MEASURE_ROUNDS",
            "Family", "KernelTransfer", "Source", "apply_refitted", "distance", "family_of", "faster_than_default",
            "index_database", "kernel_ms", "kernel_timer", "nearest", "policy", "refit_tile", "strip_postproc",
            "transfer_schedules"]

@@ -5,7 +5,7 @@ import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import tvm
 from tvm.s_tir import meta_schedule as ms
@@ -27,7 +27,8 @@ class KernelTransfer:
 
     Attributes:
         kernel: The kernel's name in the module.
-        outcome: ``"transferred"``; ``"no-anchor"`` (no reduction block to key a family by),
+        outcome: ``"transferred"``; ``"default"`` (the nearest relative's tuning did not beat
+            its default schedule, so neither would its trace here); ``"no-anchor"`` (no reduction block to key a family by),
             ``"no-source"`` (the database has no workload of its family), ``"failed"`` (no tried
             trace replayed) or ``"rejected"`` (one replayed, the choice kept the default).
         source: Short hash of the workload whose trace was used (or last tried).
@@ -56,6 +57,7 @@ class KernelTransfer:
 def transfer_schedules(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database, *,
                        max_distance: float = math.inf, accept: Callable[..., bool] | None = None,
                        index: dict[str, tuple[Source, ...]] | None = None,
+                       defaults: Mapping[str, float] | None = None,
                        ) -> tuple[tvm.IRModule, tuple[KernelTransfer, ...]]:
     """Give every unscheduled kernel of ``mod`` the re-fitted trace of its nearest tuned relative.
 
@@ -69,13 +71,16 @@ def transfer_schedules(mod: tvm.IRModule, target: tvm.target.Target, database: m
             is kept; False leaves the kernel unscheduled (outcome ``"rejected"``). None keeps
             every kernel that replays.
         index: A prebuilt :func:`index_database` of ``database`` (built here when None).
+        defaults: Anchor key -> default-schedule milliseconds of the database's workloads
+            (:func:`omnic.compile.tuning.defaults.baselines`): a kernel whose nearest relative
+            was not tuned past its default keeps its own default (outcome ``"default"``).
 
     Returns:
         ``(module, outcomes)``: transferred kernels are marked ``tirx.is_scheduled`` with
         provenance ``"transferred:<source workload>:<trace key>"``; one
         :class:`KernelTransfer` per unscheduled kernel, in module order.
     """
-    index = index_database(database) if index is None else index
+    index = index_database(database, defaults=defaults) if index is None else index
     replaced: dict[tvm.ir.GlobalVar, tvm.tirx.PrimFunc] = {}
     outcomes: list[KernelTransfer] = []
     for gv, func in mod.functions_items():
@@ -103,6 +108,11 @@ def _transfer_one(gv: tvm.ir.GlobalVar, func: tvm.tirx.PrimFunc, target: tvm.tar
     sources = nearest(family, index, max_distance=max_distance)
     if not sources:
         return KernelTransfer(kernel=kernel, outcome="no-source"), None
+    if sources[0][1].default_faster:
+        # its nearest relative's tuning did not beat that relative's default schedule
+        return KernelTransfer(kernel=kernel, outcome="default", source=sources[0][1].workload,
+                              distance=round(sources[0][0], 4)), None
+    sources = [(d, s) for d, s in sources if not s.default_faster]
     tried, error, last = 0, None, None
     lanes = vector_lanes(target, family.dtype)
     for dist, source in sources:

@@ -3,10 +3,14 @@ the default rules give it."""
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import tvm
+import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 
 
@@ -28,12 +32,15 @@ CHOICE = "measure"
 GUARD_DISTANCE = math.log(4.0)
 #: interleaved timing rounds of the ``"measure"`` choice (the fastest of each kernel's counts)
 MEASURE_ROUNDS = 3
+#: side file of the ``"measure"`` choice's decisions, next to the database
+DECISIONS = "omnic_transfer_choices.json"
+DECISIONS_VERSION = 1
 #: single runs per timing, each after the kernel's weights and output are evicted from the caches
 COLD_RUNS = 5
 
 
-def policy(choice: str, *, target: tvm.target.Target, local: bool, default_rules: Sequence[Any] = ()
-           ) -> dict[str, Any] | None:
+def policy(choice: str, *, target: tvm.target.Target, local: bool, default_rules: Sequence[Any] = (),
+           memo_dir: Path | None = None) -> dict[str, Any] | None:
     """The :func:`transfer_schedules` arguments (``max_distance``, ``accept``) of a choice, or
     None when the build should transfer nothing.
 
@@ -42,6 +49,10 @@ def policy(choice: str, *, target: tvm.target.Target, local: bool, default_rules
         target: The build's target.
         local: Whether kernels can be timed here (the target is this machine's CPU).
         default_rules: The default rules the ``"measure"`` choice compares against.
+        memo_dir: The database's folder, where the ``"measure"`` choice remembers its decisions
+            (:data:`DECISIONS`): a later build of the same kernels times nothing and decides
+            the same, so a build stays a function of the database's state. None remembers
+            nothing.
 
     Raises:
         ValueError: An unknown choice.
@@ -53,8 +64,8 @@ def policy(choice: str, *, target: tvm.target.Target, local: bool, default_rules
     if choice == "measure":
         if not local:
             return None  # nothing to time on: the default rules' schedules stand
-        return {"max_distance": math.inf, "accept": functools.partial(faster_than_default, target=target,
-                                                                       default_rules=tuple(default_rules))}
+        decide = functools.partial(faster_than_default, target=target, default_rules=tuple(default_rules))
+        return {"max_distance": math.inf, "accept": _Remembered(decide, memo_dir)}
     return {"max_distance": math.inf, "accept": None}
 
 
@@ -105,3 +116,40 @@ def kernel_timer(func: tvm.tirx.PrimFunc, target: tvm.target.Target, *, repeat: 
             for info in ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)]
     timer = built.time_evaluator("main", dev, number=1, repeat=repeat, f_preproc="cache_flush_cpu_non_first_arg")
     return lambda: float(min(timer(*args).results)) * 1e3
+
+
+class _Remembered:
+    """An ``accept`` that asks ``decide`` once per (kernel, transferred schedule) and remembers
+    the answer in :data:`DECISIONS` (a broken or missing file only costs the timings again)."""
+
+    def __init__(self, decide: Callable[..., bool], folder: Path | None):
+        self.decide, self.path = decide, None if folder is None else Path(folder) / DECISIONS
+        self.known: dict[str, bool] = {}
+        if self.path is not None:
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("version") == DECISIONS_VERSION and data.get("tvm") == tvm.__version__:
+                    self.known = {str(k): bool(v) for k, v in data.get("decisions", {}).items()}
+            except (OSError, ValueError, AttributeError, TypeError):
+                pass
+
+    def __call__(self, gv: tvm.ir.GlobalVar, original: tvm.tirx.PrimFunc, transferred: tvm.tirx.PrimFunc) -> bool:
+        key = f"{tvm_ffi.structural_hash(original) & _MASK:016x}:{tvm_ffi.structural_hash(transferred) & _MASK:016x}"
+        if key not in self.known:
+            self.known[key] = bool(self.decide(gv, original, transferred))
+            self._write()
+        return self.known[key]
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps({"version": DECISIONS_VERSION, "tvm": tvm.__version__,
+                                       "decisions": self.known}, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)  # write-then-rename: a kill leaves the old file or the new one
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+
+_MASK = 0xFFFFFFFFFFFFFFFF

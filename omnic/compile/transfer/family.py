@@ -6,13 +6,15 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import tvm
 import tvm_ffi
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops, find_anchor_sblock
+
+from omnic.compile.tuning.defaults import anchor_key
 
 #: nearest workloads of a kernel's family tried, nearest first
 MAX_WORKLOADS = 3
@@ -53,12 +55,15 @@ class Source:
         family: Its family.
         records: Its best records, best first.
         gflops: The throughput its best record was measured at (0 when unknown).
+        default_faster: Its default schedule, timed when it was tuned, is not slower than its
+            best record: its tuning has nothing to pass on.
     """
 
     workload: str
     family: Family
     records: tuple[ms.database.TuningRecord, ...]
     gflops: float = 0.0
+    default_faster: bool = False
 
 
 def family_of(func: tvm.tirx.PrimFunc) -> Family | None:
@@ -131,11 +136,14 @@ def block_names(func: tvm.tirx.PrimFunc) -> frozenset[str]:
     return frozenset(names)
 
 
-def index_database(database: ms.database.Database, *, records: int = MAX_RECORDS) -> dict[str, tuple[Source, ...]]:
+def index_database(database: ms.database.Database, *, records: int = MAX_RECORDS,
+                   defaults: Mapping[str, float] | None = None) -> dict[str, tuple[Source, ...]]:
     """The database's tuned workloads by family key, each with its ``records`` best records.
 
     Records that failed to build or run (MetaSchedule stores them with a huge latency) are left
-    out; a workload whose anchor has no family is left out.
+    out; a workload whose anchor has no family is left out. ``defaults`` (anchor key -> the
+    default schedule's milliseconds, :func:`omnic.compile.tuning.defaults.baselines`) marks the
+    workloads whose tuning did not beat their default schedule.
     """
     by_workload: dict[Any, list[tuple[float, ms.database.TuningRecord]]] = {}
     for record in database.get_all_tuning_records():
@@ -151,9 +159,11 @@ def index_database(database: ms.database.Database, *, records: int = MAX_RECORDS
             continue
         scored.sort(key=lambda item: item[0])
         name = f"{tvm_ffi.structural_hash(workload.mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+        baseline = defaults.get(anchor_key(workload.mod)) if defaults else None
         index.setdefault(family.key, []).append(
             Source(workload=name, family=family, records=tuple(r for _, r in scored[:records]),
-                   gflops=_flops(workload.mod) / scored[0][0] / 1e9))
+                   gflops=_flops(workload.mod) / scored[0][0] / 1e9,
+                   default_faster=baseline is not None and 1e3 * scored[0][0] >= baseline))
     return {key: tuple(sorted(group, key=lambda s: s.workload)) for key, group in index.items()}
 
 

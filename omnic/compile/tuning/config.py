@@ -50,6 +50,9 @@ class TuningConfig:
             ``"random"`` (no model: saves the seconds of retraining per batch when the budget is
             so small that XGBoost never leaves its warm-up anyway).
         seed: Random seed of the search.
+        time_defaults: CPU: time each new task's default schedule before its first trial, so
+            that builds keep the default where tuning did not beat it (see
+            :mod:`omnic.compile.tuning.defaults`).
     """
 
     trials_per_iter: int = 16
@@ -66,6 +69,7 @@ class TuningConfig:
     seconds_per_trial: float = 0.1
     cost_model: str = "xgb"
     seed: int = 0
+    time_defaults: bool = True
 
     def __post_init__(self) -> None:
         if self.builder not in ("auto", "inproc", "pool", "local"):

@@ -43,6 +43,7 @@ class Task:
     trials_run: int = 0
     batches: int = 0
     best_ms: float | None = None
+    default_ms: float | None = None  # its default schedule's time, measured as the trials are
     history: list[float] = field(default_factory=list)  # best_ms after each batch of this run
     complete: bool = False
     space: int = 0  # omnic's own schedule rules' revision for this task (0: MetaSchedule's rules only)
@@ -76,7 +77,7 @@ class Task:
         """The task's row in the tuning report's ``per_task``."""
         return {"name": self.name, "weight": self.weight, "flops": self.flops, "status": self.status,
                 "trials_before": self.trials_before, "trials_run": self.trials_run, "batches": self.batches,
-                "best_ms": self.best_ms, "history": self.history}
+                "best_ms": self.best_ms, "default_ms": self.default_ms, "history": self.history}
 
 
 def next_task(active: Sequence[Task], per_iter: int = 16) -> Task:

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import tvm
 import tvm_ffi
@@ -34,6 +34,7 @@ from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from omnic.compile.rules.cpu.base import PROVENANCE_ATTR
+from omnic.compile.tuning.defaults import anchor_key
 from omnic.core.errors import describe
 
 #: Side file of (kernel, record) pairs known not to replay, next to the database. Not the tuning
@@ -54,8 +55,10 @@ class KernelReplay:
 
     Attributes:
         kernel: The kernel's name in the module.
-        outcome: ``"tuned"`` (a record replayed) or ``"fallback"`` (none did; the kernel keeps
-            the schedule an untuned build gives it).
+        outcome: ``"tuned"`` (a record replayed), ``"default"`` (the kernel's default schedule,
+            timed when its task was tuned, is not slower than its best record: it keeps the
+            default) or ``"fallback"`` (no record replayed; the kernel keeps the schedule an
+            untuned build gives it).
         record: Rank of the record used (0: the best), None on fallback.
         records_failed: Records that did not replay on this kernel, tried in this build or known
             from an earlier one.
@@ -75,7 +78,8 @@ class KernelReplay:
 
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database, *,
-                   failures_dir: Path | None = None) -> tuple[tvm.IRModule, tuple[KernelReplay, ...]]:
+                   failures_dir: Path | None = None, defaults: Mapping[str, float] | None = None,
+                   records_only: frozenset[str] = frozenset()) -> tuple[tvm.IRModule, tuple[KernelReplay, ...]]:
     """Schedule every kernel of ``mod`` that ``database`` has a record for that replays on it.
 
     Args:
@@ -84,6 +88,11 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.da
         database: The MetaSchedule database to apply.
         failures_dir: Folder of :data:`REPLAY_FAILURES` (the database's folder), or None to
             neither read nor write it.
+        defaults: Anchor key -> milliseconds of the default schedule, timed when the task was
+            tuned (:func:`omnic.compile.tuning.defaults.baselines`): a kernel whose best record
+            is not faster keeps its default schedule (outcome ``"default"``).
+        records_only: Kernels that use their records whatever ``defaults`` says (their default
+            schedule does not build).
 
     Returns:
         ``(module, outcomes)``: the module with the replayed kernels marked scheduled, and one
@@ -102,6 +111,11 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.da
         # has_workload first: commit_workload of a new workload would append to the database
         records = database.get_top_k(database.commit_workload(tir_mod), MAX_RECORDS_TRIED)
         if not records:
+            continue
+        baseline = defaults.get(anchor_key(tir_mod)) if defaults and gv.name_hint not in records_only else None
+        if baseline is not None and _record_ms(records[0]) >= baseline:
+            # tuning has not beaten the default schedule yet: the kernel keeps it
+            outcomes.append(KernelReplay(kernel=gv.name_hint, outcome="default"))
             continue
         kernel_key = f"{tvm_ffi.structural_hash(tir_mod) & 0xFFFFFFFFFFFFFFFF:016x}"
         failed = skipped = 0
@@ -152,6 +166,11 @@ def _replay(tir_mod: tvm.IRModule, record: ms.database.TuningRecord, target: tvm
     if len(funcs) != 1 or not isinstance(funcs[0], tvm.tirx.PrimFunc):
         raise ValueError(f"the replayed schedule has {len(funcs)} functions, expected one PrimFunc")
     return funcs[0]
+
+
+def _record_ms(record: ms.database.TuningRecord) -> float:
+    secs = [float(getattr(s, "value", s)) for s in (record.run_secs or [])]
+    return 1e3 * sum(secs) / len(secs) if secs else float("inf")
 
 
 def _trace_key(record: ms.database.TuningRecord) -> str:

@@ -23,6 +23,7 @@ from omnic.compile import rules
 import omnic.compile.tuning.builders as builders
 from omnic.compile.tuning.config import TuningConfig, current, warmup_samples
 from omnic.compile.tuning.database import MODULE_EQUALITY, database_dir, locked, open_database, open_snapshot
+from omnic.compile.tuning.defaults import default_ms, measure_defaults, record_defaults
 from omnic.compile.tuning.ledger import LEDGER, read_ledger, write_ledger
 from omnic.compile.tuning.planner import (Task, classify, extract_tasks, finish, ledger_entry, model_estimate_ms,
                                           next_task, plan)
@@ -140,7 +141,7 @@ def tune(prepared: tvm.IRModule, deployment: Deployment, target: tvm.target.Targ
         state = _Progress(bar=None, ledger=ledger, ledger_path=ledger_path,
                           deadline=None if not time_budget_s else t0 + float(time_budget_s))
         if planned:
-            _run(planned, budget, db, path, deployment, config, runner, state, progress)
+            _run(planned, budget, db, path, deployment, target, config, runner, state, progress)
         return db, TuningReport(
             database=str(path), tasks=len(tasks), tasks_in_database=in_database, new_tasks=new_tasks,
             resumed_tasks=resumed, skipped_tasks=[t.name for t in tasks if t.status == "skipped"],
@@ -152,7 +153,8 @@ def tune(prepared: tvm.IRModule, deployment: Deployment, target: tvm.target.Targ
 
 
 def _run(planned: list[Task], budget: int, db: ms.database.Database, path: Path, deployment: Deployment,
-         config: TuningConfig, runner: ms.runner.Runner | None, state: _Progress, progress: bool) -> None:
+         target: tvm.target.Target, config: TuningConfig, runner: ms.runner.Runner | None, state: _Progress,
+         progress: bool) -> None:
     """Spend ``budget`` trials (or the time budget) on ``planned``, one MetaSchedule job per batch.
 
     The deadline is checked between batches because terminating a task from a callback trips
@@ -178,6 +180,8 @@ def _run(planned: list[Task], budget: int, db: ms.database.Database, path: Path,
     empty_batches: dict[str, int] = {}
     batch = 0
     try:
+        if deployment.spec.kind == "cpu" and config.time_defaults:
+            _time_defaults(planned, target, builder, runner_obj, state)
         while state.trials < budget:
             active = [t for t in planned if not t.complete]
             if not active:
@@ -225,6 +229,24 @@ def _run(planned: list[Task], budget: int, db: ms.database.Database, path: Path,
             state.bar.close()
         if hasattr(builder, "close"):
             builder.close()  # the pool's workers hold a GB between them
+
+
+def _time_defaults(planned: list[Task], target: tvm.target.Target, builder: ms.builder.Builder,
+                   runner: ms.runner.Runner, state: _Progress) -> None:
+    """Time the default schedule of each planned task the ledger has no current time for (see
+    :mod:`omnic.compile.tuning.defaults`), before its first trial."""
+    for task in planned:
+        task.default_ms = default_ms(state.ledger["tasks"].get(task.key))
+    need = [t for t in planned if t.default_ms is None]
+    if not need:
+        return
+    if state.bar is not None:
+        state.bar.set_description(f"timing {len(need)} default schedule(s)", refresh=True)
+    measured = measure_defaults([(t.key, t.extracted.dispatched[0]) for t in need], target, builder, runner)
+    record_defaults(state.ledger, measured, {t.key: t.name for t in need})
+    write_ledger(state.ledger_path, state.ledger)
+    for task in need:
+        task.default_ms = measured.get(task.key)
 
 
 def database_for(prepared: tvm.IRModule, deployment: Deployment, target: tvm.target.Target, *,
