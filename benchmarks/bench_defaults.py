@@ -15,7 +15,7 @@ Three tables, each measured in one process:
 
 usage:
     TVM_NUM_THREADS=2 .venv/bin/python benchmarks/bench_defaults.py untuned [--rounds 9]
-    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/bench_defaults.py fidelity [--subnets 12]
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/bench_defaults.py fidelity [--subnets 12] [--fidelity-sizes 224 224]
     TVM_NUM_THREADS=2 .venv/bin/python benchmarks/bench_defaults.py transfer [--tune-s 300] [--full]
 """
 from __future__ import annotations
@@ -95,7 +95,8 @@ def fidelity(args: argparse.Namespace) -> list[dict]:
     _fresh_cache("fidelity")
     torch.set_num_threads(args.threads)
     rows = []
-    for name, size in (("mobilenet_v3_small", 128), ("resnet18", 96)):
+    sizes = args.fidelity_sizes or (128, 96)
+    for name, size in zip(("mobilenet_v3_small", "resnet18"), sizes):
         model, x = get_model(name, input_shape=(1, 3, size, size))
         omni = nas.omnimize(model, example_inputs=x)
         rng = random.Random(args.seed)
@@ -136,8 +137,21 @@ def transfer(args: argparse.Namespace) -> list[dict]:
     tuned_dep = {**dep, "tuning_time_s": args.tune_s}
     base_cache = _fresh_cache("transfer")
     t0 = time.perf_counter()
-    engine.compile(model(1.0), tuned_dep, x, progress=False)
+    base_tuned = engine.compile(model(1.0), tuned_dep, x, progress=False)
     tune_wall = time.perf_counter() - t0
+    # the tuned base against its default build and ORT, in one process: tuning must not lose
+    # to the defaults it started from
+    from benchmarks.common import onnxruntime_ms
+    _fresh_cache("base-default")
+    base_default = engine.compile(model(1.0), dep, x, progress=False)
+    base = {"tuned": [], "default": [], "ort": []}
+    for _ in range(5):
+        base["tuned"].append(base_tuned.measure().median_ms)
+        base["default"].append(base_default.measure().median_ms)
+        base["ort"].append(onnxruntime_ms(model(1.0), x, args.threads)[0])
+    base = {k: sorted(v)[len(v) // 2] for k, v in base.items()}
+    print(f"base x1.0: tuned {base['tuned']:.3f} ms, default {base['default']:.3f} ms, ORT {base['ort']:.3f} ms; "
+          f"schedules {base_tuned.report['schedules']}", flush=True)
     rows = []
     for width in args.widths:
         m = model(width)
@@ -157,7 +171,10 @@ def transfer(args: argparse.Namespace) -> list[dict]:
         rows.append({"width": width, **{f"{k}_ms": v for k, v in times.items()}, "build_s": build_s,
                      "schedules": transferred.report["schedules"]})
         print(rows[-1], flush=True)
-    print(f"\nbase: MobileNetV2 x1.0 at {args.size}x{args.size} tuned {args.tune_s} s (wall {tune_wall:.0f} s)")
+    print(f"\nbase: MobileNetV2 x1.0 at {args.size}x{args.size} tuned {args.tune_s} s (wall {tune_wall:.0f} s): "
+          f"tuned {base['tuned']:.2f} ms, default {base['default']:.2f} ms, ORT {base['ort']:.2f} ms "
+          f"(tuned/default {base['tuned'] / base['default']:.2f}, tuned/ORT {base['tuned'] / base['ort']:.2f}; "
+          f"medians of 5 interleaved rounds), kernels {base_tuned.report['schedules']}")
     print("| width | default ms | transferred ms | own tuning ms | transferred / tuned | build s | kernels "
           "tuned / transferred / default |")
     print("|" + "---|" * 7)
@@ -182,6 +199,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tune-s", type=float, default=300.0)
     p.add_argument("--widths", type=float, nargs="+", default=[0.75, 0.5])
+    p.add_argument("--fidelity-sizes", type=int, nargs=2, help="fidelity: input sizes of the two supernets "
+                   "(default 128 96)")
     p.add_argument("--full", action="store_true", help="transfer: also tune each width with the same budget")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()

@@ -126,7 +126,8 @@ def compile(model: Any, deployment: Any = None, example_inputs: Any = None, *, c
     t1 = time.perf_counter()
     # replay failures are remembered next to the device's database (not next to a caller's own)
     built = build.build_result(prepared, spec, target, database,
-                               failures_dir=db_dir if database_given is None else None)
+                               failures_dir=db_dir if database_given is None else None,
+                               judge_records=tuning.current().time_defaults)
     executable, final_mod = built.executable, built.module
     scheduled, unscheduled = build.scheduled_kernels(final_mod)
     schedules = build.kernel_schedules(final_mod)

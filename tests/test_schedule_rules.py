@@ -65,7 +65,10 @@ def test_every_variant_of_the_pool_design_space_computes_the_pool(name):
     mod = _pool_module(make_op(relax), shape)
     target = tvm.target.Target(CPU)
     assert schedule_rules.space_revision(mod, target) == schedule_rules.SPACE_REVISION
-    ctx = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply", search_strategy="evolutionary")
+    # seeded: the spaces' sampled decisions differ per run, and a postprocessor may reject a rare
+    # sample (the tuner drops such a candidate), which made this test fail about once in ten
+    ctx = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply", search_strategy="evolutionary",
+                         rand_state=0)
     spaces = ctx.generate_design_space()
     assert len(spaces) >= 2  # omnic's variants and the generic fallback
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import tvm
 from omnic import Deployment
 from omnic.compile import tuning, transfer
 from omnic.compile.rules.cpu import PROVENANCE_ATTR, RULES_REVISION
 from omnic.compile.tuning import builders, defaults, replay
 from omnic.compile.tuning.ledger import LEDGER, LEDGER_VERSION
 from omnic.compile.tuning.planner import extract_tasks
-from omnic.core.deployment import Deployment as _Deployment
 from tests.test_transfer import prepared_net, sketch_database
 
 
@@ -40,7 +40,7 @@ def test_default_times_are_measured_with_the_tuners_runner(source):
     builders.light_tensor_intrinsics(target)
     measured = defaults.measure_defaults([(t.key, t.extracted.dispatched[0]) for t in tasks], target,
                                          builders.make_builder(config, "inproc"),
-                                         builders.make_runner(_Deployment.coerce("host"), config, None))
+                                         builders.make_runner(Deployment.coerce("host"), config, None))
     convs = [t.key for t in tasks if "conv2d" in t.name]
     assert len(convs) == 3 and all(k in measured for k in convs), (measured, [t.name for t in tasks])
     assert all(0 < v < 10 for v in measured.values())  # milliseconds, not seconds
@@ -92,11 +92,62 @@ def test_a_build_keeps_the_default_where_the_ledger_says_it_is_faster(source, tm
     mod, target, database = source
     write_ledger(tmp_path, {k: 0.01 for k in record_keys(database)})
     spec = Deployment.coerce("host").spec
-    result = build.build_result(mod, spec, target, database, failures_dir=tmp_path)
+    # "transferred": the build times nothing, so the ledger's times judge the records (as on a
+    # remote device)
+    result = build.build_result(mod, spec, target, database, failures_dir=tmp_path, transfer="transferred")
     assert {r.outcome for r in result.replay if "conv2d" in r.kernel} == {"default"}
     provenance = dict(build.kernel_schedules(result.module))
     conv = [p for k, p in provenance.items() if "conv2d" in k]
     assert conv and all(p.startswith("default:") for p in conv), provenance
-    # without the ledger the same database's records are replayed
-    plain = build.build_result(mod, spec, target, database, failures_dir=None)
+    # without the ledger, or unjudged, the same database's records are replayed
+    plain = build.build_result(mod, spec, target, database, failures_dir=None, transfer="transferred")
     assert {r.outcome for r in plain.replay if "conv2d" in r.kernel} == {"tuned"}
+    unjudged = build.build_result(mod, spec, target, database, failures_dir=tmp_path, judge_records=False)
+    assert {r.outcome for r in unjudged.replay if "conv2d" in r.kernel} == {"tuned"}
+
+
+def test_a_local_build_times_each_record_against_its_default(source, tmp_path):
+    """The measure choice (the default on this CPU): each replayed record is timed side by side
+    with the kernel's default schedule and kept only if faster; the decisions are remembered."""
+    from omnic.compile import build
+    from omnic.compile.transfer import choice
+
+    mod, target, database = source
+    spec = Deployment.coerce("host").spec
+    result = build.build_result(mod, spec, target, database, failures_dir=tmp_path)
+    judged = {r.kernel: r.outcome for r in result.replay}
+    assert judged and set(judged.values()) <= {"tuned", "default"}
+    decisions = json.loads((tmp_path / choice.DECISIONS).read_text())["decisions"]
+    assert len(decisions) >= len(judged)
+    provenance = dict(build.kernel_schedules(result.module))
+    for kernel, outcome in judged.items():
+        kind = next(p for k, p in provenance.items() if k.removesuffix("_prepacked") == kernel).split(":")[0]
+        assert kind == outcome, (kernel, outcome, kind)
+    again = build.build_result(mod, spec, target, database, failures_dir=tmp_path)
+    assert build.kernel_schedules(again.module) == build.kernel_schedules(result.module)
+
+
+def test_measured_choices_are_remembered_next_to_the_database(source, tmp_path):
+    from omnic.compile.transfer import choice
+
+    mod, _, _ = source
+    kernels = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)][:3]
+    asked = []
+
+    def decide(gv, original, transferred):
+        asked.append(gv.name_hint)
+        return len(asked) % 2 == 1
+
+    first = choice._Remembered(decide, tmp_path)
+    answers = [first(gv, f, f.with_attr("x", 1)) for gv, f in kernels]
+    assert asked == [gv.name_hint for gv, _ in kernels] and answers == [True, False, True]
+    # a later build (another object, as another process) asks nothing and answers the same
+    again = choice._Remembered(decide, tmp_path)
+    assert [again(gv, f, f.with_attr("x", 1)) for gv, f in kernels] == answers and len(asked) == 3
+    # another transferred schedule of the same kernel is a new question
+    again(kernels[0][0], kernels[0][1], kernels[0][1].with_attr("x", 2))
+    assert len(asked) == 4
+    # a broken file costs the timings, never the build
+    (tmp_path / choice.DECISIONS).write_text("{ broken")
+    assert choice._Remembered(decide, tmp_path)(*kernels[0], kernels[0][1].with_attr("x", 1)) in (True, False)
+    assert len(asked) == 5

@@ -23,13 +23,13 @@ from omnic.core.targets import DeviceSpec
 
 
 def _apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: Any, failures_dir: Path | None,
-                    defaults: Mapping[str, float], skip: Mapping[str, frozenset[str]] | None
-                    ) -> tuple[tvm.IRModule, tuple[KernelReplay, ...]]:
+                    defaults: Mapping[str, float], skip: Mapping[str, frozenset[str]] | None,
+                    accept: Any) -> tuple[tvm.IRModule, tuple[KernelReplay, ...]]:
     # kernel by kernel rather than TVM's MetaScheduleApplyDatabase, which ends the build at the
     # first record that does not replay (a record of another epilogue of the same conv)
     with target:
         mod, replay = apply_database(mod, target, database, failures_dir=failures_dir, defaults=defaults,
-                                     records_only=frozenset(skip or ()))
+                                     records_only=frozenset(skip or ()), accept=accept)
     return mod, replay
 
 
@@ -113,7 +113,8 @@ def build(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Targe
 
 def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.target.Target, database: Any = None, *,
                  failures_dir: Path | None = None, default_rules: Sequence[Any] = DEFAULT_RULES,
-                 transfer: str | None = CHOICE, skip: Mapping[str, frozenset[str]] | None = None) -> BuildResult:
+                 transfer: str | None = CHOICE, skip: Mapping[str, frozenset[str]] | None = None,
+                 judge_records: bool = True) -> BuildResult:
     """:func:`build`, also saying what applying the database did to each kernel.
 
     A record that does not replay on a kernel never fails the build: the next best record is
@@ -133,6 +134,10 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
             it against the default rules), or None for no transfer-tuning.
         skip: Kernel name -> default rules not to use on it (set when a rule's schedule of that
             kernel did not build; the build is then retried without it).
+        judge_records: CPU: a record is replayed only where it beats the kernel's default
+            schedule: timed side by side when ``transfer`` is ``"measure"`` and the CPU is this
+            one, else by the default times the tuner wrote into the ledger. False replays the
+            best record of every kernel as it is.
 
     Returns:
         A :class:`BuildResult`.
@@ -149,10 +154,14 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
         if database is not None:
             # the default schedules' times, measured when the tasks were tuned: a record or a
             # transfer is used only where tuning beat them
-            timed = baselines(failures_dir) if spec.kind != "gpu" and default_rules else {}
-            mod, replay = _apply_database(mod, target, database, failures_dir, timed, skip)
+            judged = judge_records and spec.kind != "gpu"
+            timed = baselines(failures_dir) if judged and default_rules else {}
             choice = policy(transfer, target=target, local=spec.local, default_rules=default_rules,
                             memo_dir=failures_dir) if spec.kind != "gpu" and transfer is not None else None
+            # the measure choice's side-by-side timing judges exact records too (a record that
+            # won in the tuner's runner can lose to the default schedule inside the build)
+            accept = choice["accept"] if judged and choice is not None else None
+            mod, replay = _apply_database(mod, target, database, failures_dir, timed, skip, accept)
             if choice is not None:
                 # kernels of workloads the database lacks get the trace of their nearest tuned
                 # relative (another width or resolution of the same op), before the default rules
@@ -179,12 +188,14 @@ def build_result(mod_prepared: tvm.IRModule, spec: DeviceSpec, target: tvm.targe
             for kernel, rule in broken.items():
                 more[kernel] = more.get(kernel, frozenset()) | {rule}
             return build_result(mod_prepared, spec, target, database, failures_dir=failures_dir,
-                                default_rules=default_rules, transfer=transfer, skip=more)
+                                default_rules=default_rules, transfer=transfer, skip=more,
+                                judge_records=judge_records)
         if any(t.outcome == "transferred" for t in transfers):
             # a transferred schedule that does not compile (as some candidates of a tuning run do
             # not) costs the transfers, never the build
             return build_result(mod_prepared, spec, target, database, failures_dir=failures_dir,
-                                default_rules=default_rules, transfer=None, skip=skip)
+                                default_rules=default_rules, transfer=None, skip=skip,
+                                judge_records=judge_records)
         raise CompileError(f"building for {spec.name} failed: {describe(exc)}") from exc
     return BuildResult(executable=executable, module=mod, replay=replay, defaults=defaults, transfers=transfers)
 

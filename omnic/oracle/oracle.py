@@ -18,6 +18,7 @@ from omnic.compile.check import output_error, tolerance
 from omnic.compile.pipeline import PIPELINE_REVISION
 from omnic.compile.rules.cpu import RULES_REVISION
 from omnic.compile.target import host_cpu_name, tvm_target
+from omnic.compile.tuning.config import current as tuning_config
 from omnic.compile.tuning.database import database_dir, state_digest
 from omnic.core.cache import cache_root
 from omnic.core.deployment import Deployment
@@ -153,6 +154,8 @@ class Oracle:
                    f";pipeline={PIPELINE_REVISION};protocol={PROTOCOL_REVISION}")
         if not stack_align.enabled():  # an A/B build without aligned stacks is a different binary
             context += ";unaligned_stack"
+        if not tuning_config().time_defaults:  # every record replayed, none judged against the defaults
+            context += ";records=unjudged"
         if deployment.spec.target is None and not deployment.is_remote:
             # `host` is whatever CPU runs this process, and a cache directory can outlive the CPU
             # (a VM moved to another host, a shared home): a Zen 4's latency says nothing of a Zen 5

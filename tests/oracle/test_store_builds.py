@@ -40,7 +40,8 @@ def test_stored_figures_answer_only_for_their_build(fresh_cache):
     tuned = Deployment(device="host", tuning_trials=16)  # one batch for each of the 3 convs
 
     # 1. no database yet: the default build's figure is stored
-    engine.get_latency(model, untuned, X)
+    with tuning.using(FAST):
+        engine.get_latency(model, untuned, X)
     assert len(_rows(oracle)) == 1
     first = _rows(oracle)[0]
     assert "db=none" in first["context"]
@@ -67,12 +68,14 @@ def test_stored_figures_answer_only_for_their_build(fresh_cache):
     assert oracle.fresh_measurements == before
 
     # 4. an untuned request now gets the build an untuned compile makes (it applies the database)
-    engine.get_latency(model, untuned, X)
+    with tuning.using(FAST):
+        engine.get_latency(model, untuned, X)
     assert oracle.fresh_measurements == before + 1
     rows = _rows(oracle)
     assert len(rows) == 3
     now = next(r for r in rows if r["context"] not in (first["context"], tuned_row["context"]))
-    rebuilt = engine.compile(model, untuned, X, progress=False)
+    with tuning.using(FAST):
+        rebuilt = engine.compile(model, untuned, X, progress=False)
     assert rebuilt.report["schedules"]["tuned"] > 0
     assert now["extra"]["build_fingerprint"] == rebuilt.report["build_fingerprint"]
     assert now["extra"]["build_fingerprint"] != first["extra"]["build_fingerprint"]

@@ -37,7 +37,7 @@ while it is still random.
 from __future__ import annotations
 
 from omnic.compile.tuning.builders import fast_build, light_tensor_intrinsics
-from omnic.compile.tuning.config import TuningConfig, using
+from omnic.compile.tuning.config import TuningConfig, current, using
 from omnic.compile.tuning.database import (MODULE_EQUALITY, database_dir, locked, open_database, open_snapshot,
                                            repair_jsonl, state_digest)
 from omnic.compile.tuning.ledger import LEDGER, LEDGER_VERSION
@@ -45,6 +45,6 @@ from omnic.compile.tuning.replay import REPLAY_FAILURES, KernelReplay, apply_dat
 from omnic.compile.tuning.report import TuningReport
 from omnic.compile.tuning.run import database_for, tune
 
-__all__ = ["LEDGER", "LEDGER_VERSION", "MODULE_EQUALITY", "REPLAY_FAILURES", "KernelReplay", "TuningConfig",
+__all__ = ["LEDGER", "LEDGER_VERSION", "MODULE_EQUALITY", "REPLAY_FAILURES", "KernelReplay", "TuningConfig", "current",
            "TuningReport", "apply_database", "database_dir", "database_for", "fast_build", "light_tensor_intrinsics",
            "locked", "open_database", "open_snapshot", "repair_jsonl", "state_digest", "tune", "using"]

@@ -50,9 +50,10 @@ class TuningConfig:
             ``"random"`` (no model: saves the seconds of retraining per batch when the budget is
             so small that XGBoost never leaves its warm-up anyway).
         seed: Random seed of the search.
-        time_defaults: CPU: time each new task's default schedule before its first trial, so
-            that builds keep the default where tuning did not beat it (see
-            :mod:`omnic.compile.tuning.defaults`).
+        time_defaults: CPU: judge tuned records against the default schedules: time each new
+            task's default schedule before its first trial, and let ``engine.compile`` replay a
+            record only where it beats the kernel's default schedule (see
+            :mod:`omnic.compile.tuning.defaults`). False: records are used as they are.
     """
 
     trials_per_iter: int = 16

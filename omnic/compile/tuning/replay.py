@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import tvm
 import tvm_ffi
@@ -55,9 +55,9 @@ class KernelReplay:
 
     Attributes:
         kernel: The kernel's name in the module.
-        outcome: ``"tuned"`` (a record replayed), ``"default"`` (the kernel's default schedule,
-            timed when its task was tuned, is not slower than its best record: it keeps the
-            default) or ``"fallback"`` (no record replayed; the kernel keeps the schedule an
+        outcome: ``"tuned"`` (a record replayed), ``"default"`` (the kernel's default schedule
+            is not slower than its best record, timed side by side at build time or, where the
+            build cannot time kernels, when its task was tuned: it keeps the default) or ``"fallback"`` (no record replayed; the kernel keeps the schedule an
             untuned build gives it).
         record: Rank of the record used (0: the best), None on fallback.
         records_failed: Records that did not replay on this kernel, tried in this build or known
@@ -79,7 +79,8 @@ class KernelReplay:
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database, *,
                    failures_dir: Path | None = None, defaults: Mapping[str, float] | None = None,
-                   records_only: frozenset[str] = frozenset()) -> tuple[tvm.IRModule, tuple[KernelReplay, ...]]:
+                   records_only: frozenset[str] = frozenset(), accept: Callable[..., bool] | None = None
+                   ) -> tuple[tvm.IRModule, tuple[KernelReplay, ...]]:
     """Schedule every kernel of ``mod`` that ``database`` has a record for that replays on it.
 
     Args:
@@ -91,8 +92,13 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.da
         defaults: Anchor key -> milliseconds of the default schedule, timed when the task was
             tuned (:func:`omnic.compile.tuning.defaults.baselines`): a kernel whose best record
             is not faster keeps its default schedule (outcome ``"default"``).
-        records_only: Kernels that use their records whatever ``defaults`` says (their default
-            schedule does not build).
+        records_only: Kernels that use their records whatever ``defaults`` or ``accept`` says
+            (their default schedule does not build).
+        accept: ``accept(gv, original, scheduled)``: whether the replayed kernel is kept (the
+            build times it against the kernel's default schedule on a local CPU,
+            :mod:`omnic.compile.transfer.choice`); False keeps the default schedule (outcome
+            ``"default"``). When given, ``defaults`` is not consulted: a timing side by side
+            decides better than two measurements taken at different times.
 
     Returns:
         ``(module, outcomes)``: the module with the replayed kernels marked scheduled, and one
@@ -112,7 +118,8 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.da
         records = database.get_top_k(database.commit_workload(tir_mod), MAX_RECORDS_TRIED)
         if not records:
             continue
-        baseline = defaults.get(anchor_key(tir_mod)) if defaults and gv.name_hint not in records_only else None
+        baseline = None if accept is not None or not defaults or gv.name_hint in records_only \
+            else defaults.get(anchor_key(tir_mod))
         if baseline is not None and _record_ms(records[0]) >= baseline:
             # tuning has not beaten the default schedule yet: the kernel keeps it
             outcomes.append(KernelReplay(kernel=gv.name_hint, outcome="default"))
@@ -134,8 +141,13 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.da
                 continue
             # the kernel keeps its own attributes (names, layout-free buffers); it is now scheduled
             provenance = f"tuned:{_trace_key(record)}"
-            replaced[gv] = tvm.tirx.PrimFunc(tuned.params, tuned.body, tuned.ret_type, attrs=func.attrs
-                                             ).with_attr("tirx.is_scheduled", True).with_attr(PROVENANCE_ATTR, provenance)
+            scheduled = tvm.tirx.PrimFunc(tuned.params, tuned.body, tuned.ret_type, attrs=func.attrs
+                                          ).with_attr("tirx.is_scheduled", True).with_attr(PROVENANCE_ATTR, provenance)
+            if accept is not None and gv.name_hint not in records_only and not accept(gv, func, scheduled):
+                # timed against the kernel's default schedule on this CPU, the record lost
+                outcomes.append(KernelReplay(kernel=gv.name_hint, outcome="default", record=rank))
+                break
+            replaced[gv] = scheduled
             outcomes.append(KernelReplay(kernel=gv.name_hint, outcome="tuned", record=rank, records_failed=failed,
                                          records_skipped=skipped, error=error))
             break
