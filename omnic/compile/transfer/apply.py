@@ -28,8 +28,8 @@ class KernelTransfer:
     Attributes:
         kernel: The kernel's name in the module.
         outcome: ``"transferred"``; ``"default"`` (the nearest relative's tuning did not beat
-            its default schedule, so neither would its trace here); ``"no-anchor"`` (no reduction block to key a family by),
-            ``"no-source"`` (the database has no workload of its family), ``"failed"`` (no tried
+            its default schedule, so neither would its trace here); ``"no-anchor"`` (no
+            reduction block to key a family by), ``"no-source"`` (the database has no workload of its family), ``"failed"`` (no tried
             trace replayed) or ``"rejected"`` (one replayed, the choice kept the default).
         source: Short hash of the workload whose trace was used (or last tried).
         record: Rank of the record used among its workload's (0: the best).

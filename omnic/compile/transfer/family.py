@@ -14,6 +14,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops, find_anchor_sblock
 
+from omnic.compile.tuning.database import run_ms
 from omnic.compile.tuning.defaults import anchor_key
 
 #: nearest workloads of a kernel's family tried, nearest first
@@ -147,10 +148,9 @@ def index_database(database: ms.database.Database, *, records: int = MAX_RECORDS
     """
     by_workload: dict[Any, list[tuple[float, ms.database.TuningRecord]]] = {}
     for record in database.get_all_tuning_records():
-        secs = [float(getattr(s, "value", s)) for s in (record.run_secs or [])]
-        if not secs or max(secs) >= 1e9:
-            continue
-        by_workload.setdefault(record.workload, []).append((sum(secs) / len(secs), record))
+        ms_ = run_ms(record.run_secs)
+        if ms_ is not None:
+            by_workload.setdefault(record.workload, []).append((ms_ / 1e3, record))
     index: dict[str, list[Source]] = {}
     for workload, scored in by_workload.items():
         funcs = [f for _, f in workload.mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]

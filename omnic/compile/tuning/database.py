@@ -34,6 +34,15 @@ MODULE_EQUALITY = "anchor-block"
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 
 
+def run_ms(run_secs) -> float | None:
+    """Mean milliseconds of a MetaSchedule measurement's ``run_secs``; None when there is none or
+    the candidate failed (MetaSchedule records a failed run as 1e10 s)."""
+    secs = [float(getattr(s, "value", s)) for s in (run_secs or [])]
+    if not secs or max(secs) >= 1e9:
+        return None
+    return 1e3 * sum(secs) / len(secs)
+
+
 def database_dir(deployment: Deployment, target: tvm.target.Target) -> Path:
     """``<cache>/tuning/<device>-<kind>-<mcpu>-<threads>-<precision>``.
 

@@ -16,16 +16,16 @@ directly (fast math), which a MetaSchedule trace cannot replay.
 from __future__ import annotations
 
 import shutil
-import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
 import tvm
+import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import find_anchor_sblock
-import tvm_ffi
 
 from omnic.compile.rules.cpu import DEFAULT_RULES, RULES_REVISION, apply_default_schedules
+from omnic.compile.tuning.database import run_ms
 from omnic.compile.tuning.ledger import LEDGER, read_ledger
 
 
@@ -92,9 +92,9 @@ def measure_defaults(kernels: Sequence[tuple[str, tvm.IRModule]], target: tvm.ta
     try:
         for key, future in zip(run_keys, runner.run(runs) if runs else []):
             result = future.result()
-            secs = [float(getattr(s, "value", s)) for s in (result.run_secs or [])]
-            if result.error_msg is None and secs and max(secs) < 1e9:
-                out[key] = 1e3 * statistics.fmean(secs)
+            ms_ = run_ms(result.run_secs) if result.error_msg is None else None
+            if ms_ is not None:
+                out[key] = ms_
     finally:
         for result in built:
             if result.artifact_path:  # as MetaSchedule's RemoveBuildArtifact callback does

@@ -34,6 +34,7 @@ from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from omnic.compile.rules.cpu.base import PROVENANCE_ATTR
+from omnic.compile.tuning.database import run_ms
 from omnic.compile.tuning.defaults import anchor_key
 from omnic.core.errors import describe
 
@@ -57,8 +58,9 @@ class KernelReplay:
         kernel: The kernel's name in the module.
         outcome: ``"tuned"`` (a record replayed), ``"default"`` (the kernel's default schedule
             is not slower than its best record, timed side by side at build time or, where the
-            build cannot time kernels, when its task was tuned: it keeps the default) or ``"fallback"`` (no record replayed; the kernel keeps the schedule an
-            untuned build gives it).
+            build cannot time kernels, when its task was tuned: it keeps the default) or
+            ``"fallback"`` (no record replayed; the kernel keeps the schedule an untuned build
+            gives it).
         record: Rank of the record used (0: the best), None on fallback.
         records_failed: Records that did not replay on this kernel, tried in this build or known
             from an earlier one.
@@ -120,7 +122,8 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.da
             continue
         baseline = None if accept is not None or not defaults or gv.name_hint in records_only \
             else defaults.get(anchor_key(tir_mod))
-        if baseline is not None and _record_ms(records[0]) >= baseline:
+        best_ms = run_ms(records[0].run_secs)
+        if baseline is not None and (best_ms is None or best_ms >= baseline):
             # tuning has not beaten the default schedule yet: the kernel keeps it
             outcomes.append(KernelReplay(kernel=gv.name_hint, outcome="default"))
             continue
@@ -178,11 +181,6 @@ def _replay(tir_mod: tvm.IRModule, record: ms.database.TuningRecord, target: tvm
     if len(funcs) != 1 or not isinstance(funcs[0], tvm.tirx.PrimFunc):
         raise ValueError(f"the replayed schedule has {len(funcs)} functions, expected one PrimFunc")
     return funcs[0]
-
-
-def _record_ms(record: ms.database.TuningRecord) -> float:
-    secs = [float(getattr(s, "value", s)) for s in (record.run_secs or [])]
-    return 1e3 * sum(secs) / len(secs) if secs else float("inf")
 
 
 def _trace_key(record: ms.database.TuningRecord) -> str:

@@ -22,7 +22,8 @@ from tvm.s_tir import meta_schedule as ms
 from omnic.compile import rules
 import omnic.compile.tuning.builders as builders
 from omnic.compile.tuning.config import TuningConfig, current, warmup_samples
-from omnic.compile.tuning.database import MODULE_EQUALITY, database_dir, locked, open_database, open_snapshot
+from omnic.compile.tuning.database import (MODULE_EQUALITY, database_dir, locked, open_database, open_snapshot,
+                                           run_ms)
 from omnic.compile.tuning.defaults import default_ms, measure_defaults, record_defaults
 from omnic.compile.tuning.ledger import LEDGER, read_ledger, write_ledger
 from omnic.compile.tuning.planner import (Task, classify, extract_tasks, finish, ledger_entry, model_estimate_ms,
@@ -72,9 +73,8 @@ class _OmnicProgress(ms.measure_callback.PyMeasureCallback):
         if task is not None:
             task.trials_run += n
             for rr in runner_results:
-                secs = [float(s) for s in (rr.run_secs or [])]
-                if rr.error_msg is None and secs and max(secs) < 1e9:
-                    ms_ = 1e3 * sum(secs) / len(secs)
+                ms_ = run_ms(rr.run_secs) if rr.error_msg is None else None
+                if ms_ is not None:
                     task.best_ms = ms_ if task.best_ms is None else min(task.best_ms, ms_)
             ledger_entry(task, state.ledger)
             write_ledger(state.ledger_path, state.ledger)
