@@ -338,7 +338,7 @@ def test_tuned_database_transfers_to_a_wider_network(tmp_path, monkeypatch):
     """Tune a small network for a few trials, then build a wider one with no tuning of its own:
     a kernel gets a transferred schedule only where its source's tuning beat the source's default
     schedule and the transferred kernel, timed here, beats its own default schedule; the build
-    matches PyTorch and is not slower than the build without a database."""
+    matches PyTorch, says where each kernel's schedule came from, and rebuilds identically."""
     monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "tuned"))
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     fast = tuning.TuningConfig(trials_per_iter=8, population_size=32, genetic_num_iters=1, number=2,
@@ -365,15 +365,10 @@ def test_tuned_database_transfers_to_a_wider_network(tmp_path, monkeypatch):
     monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "empty"))
     plain = engine.compile(wide, Deployment(device="host"), x, progress=False)
     assert not plain.report["transfers"]
-    # fastest of a few interleaved measurements: the machine is shared. Each transferred kernel
-    # was timed against its default at build time; the bound leaves room for timing noise and
-    # catches a build that copies lost tuning (2.7-4x slower than the defaults before the choice
-    # was timed and the ledger kept the default times)
-    fastest = {"transferred": math.inf, "plain": math.inf}
-    for _ in range(3):
-        for name, model in (("transferred", dm), ("plain", plain)):
-            fastest[name] = min(fastest[name], min(model.measure().results_ms))
-    assert fastest["transferred"] < 1.3 * fastest["plain"], fastest
+    # no whole-model timing here: the network runs in about 25 us, where CI saw the same two
+    # builds differ by 1.4x either way; each kernel's choice was timed side by side at build
+    # time (test_measure_choice_keeps_the_faster_kernel), and benchmarks/README.md has the
+    # whole-network figures (MobileNetV2 x0.5 transferred: 0.57-0.76 of its default build)
     # the choices were remembered: the same build again times nothing and is the same build
     monkeypatch.setenv("OMNIC_CACHE_DIR", str(tmp_path / "tuned"))
     again = engine.compile(wide, Deployment(device="host"), x, progress=False)
